@@ -1,0 +1,1 @@
+"""Corpus readers, tokenizers and preprocessing to Megatron indexed datasets (issue 4)."""

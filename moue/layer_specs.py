@@ -1,0 +1,60 @@
+"""Layer specs built from Megatron-Core modules when Transformer Engine is not installed.
+
+Megatron-Core's local spec normalises with ``WrappedTorchNorm``, which refuses sequence
+parallelism (``assert not config.sequence_parallel``, megatron/core/transformer/torch_norm.py) -
+on CPUs and on GPUs without Transformer Engine or apex alike. Under sequence parallelism a norm
+acts on a sequence shard, and its weights are replicated over the tensor-parallel group; all it
+needs is that their gradients are summed over that group, which Megatron's
+``finalize_model_grads`` does for parameters tagged ``sequence_parallel=True``.
+``SequenceParallelTorchNorm`` builds the torch norm and tags its parameters so.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class SequenceParallelTorchNorm:
+    """A torch LayerNorm/RMSNorm usable with sequence parallelism (see module docstring)."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs):
+        unsharded = copy.copy(config)  # a shallow copy: __post_init__ must not run again
+        unsharded.sequence_parallel = False
+        norm = WrappedTorchNorm(unsharded, hidden_size, eps=eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _replace_norms(spec: ModuleSpec) -> ModuleSpec:
+    """Swap WrappedTorchNorm for SequenceParallelTorchNorm in a layer spec's submodules."""
+    for name in ("input_layernorm", "pre_mlp_layernorm", "pre_cross_attn_layernorm"):
+        if getattr(spec.submodules, name, None) is WrappedTorchNorm:
+            setattr(spec.submodules, name, SequenceParallelTorchNorm)
+    attention = getattr(spec.submodules, "self_attention", None)
+    if attention is not None:
+        for name in ("q_layernorm", "k_layernorm"):
+            if getattr(attention.submodules, name, None) is WrappedTorchNorm:
+                setattr(attention.submodules, name, SequenceParallelTorchNorm)
+    return spec
+
+
+def local_gpt_block_spec(config: TransformerConfig, num_experts: int | None) -> TransformerBlockSubmodules:
+    """Megatron-Core's local GPT layer spec for every layer, with sequence-parallel-safe norms.
+
+    Returned as block submodules (for this pipeline stage's layers) so the final norm is
+    sequence-parallel-safe too.
+    """
+    layer = _replace_norms(get_gpt_layer_local_spec(
+        num_experts=num_experts, normalization=config.normalization, qk_layernorm=config.qk_layernorm))
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+                                      layer_norm=SequenceParallelTorchNorm)

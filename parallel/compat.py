@@ -1,0 +1,46 @@
+"""Megatron-Core version compatibility: what differs between the releases moue supports.
+
+Supported: megatron-core 0.16.1 (what Python 3.11 gets) through 0.19.x (Python 3.12 GPU images).
+Import this module before ``megatron.core`` (``import parallel`` does).
+
+megatron-core 0.19 imports Triton kernels for the MoE "paged stash" at import time
+(``megatron/core/transformer/moe/ops/paged_stash.py``), so ``import megatron.core`` fails where
+Triton is not installed (CPU machines). When Triton is missing, a stand-in is registered under
+that one module name; its kernels raise if a run ever asks for the paged stash (a GPU-only
+feature). A fake top-level ``triton`` package is not used: it breaks ``torch._dynamo``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+PAGED_STASH_OPS = "megatron.core.transformer.moe.ops.paged_stash"
+
+
+class _NeedsTriton:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise RuntimeError(f"{self.name}: the MoE paged stash needs Triton and a GPU; "
+                           "install triton or turn the paged stash off.")
+
+
+def install_paged_stash_stand_in() -> bool:
+    """Register the stand-in when Triton cannot be imported; returns whether it did."""
+    if PAGED_STASH_OPS in sys.modules or importlib.util.find_spec("triton") is not None:
+        return False
+    stand_in = types.ModuleType(PAGED_STASH_OPS, "Stand-in: Triton is not installed.")
+    stand_in.GLOBAL_BLOCK_SIZE = 1024
+    stand_in.paged_stash_copy_kernel = _NeedsTriton("paged_stash_copy_kernel")
+    stand_in.paged_stash_pop_kernel = _NeedsTriton("paged_stash_pop_kernel")
+    sys.modules[PAGED_STASH_OPS] = stand_in
+    return True
+
+
+def megatron_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in version("megatron-core").split(".")[:3] if p.isdigit())

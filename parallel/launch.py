@@ -1,0 +1,196 @@
+"""Process-group start-up: launch environment, torch.distributed, Megatron parallel state, seeds.
+
+Launchers supported (no home-made communication: torch.distributed with env:// rendezvous):
+- ``torchrun`` (single or multi node): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
+- ``mpirun`` / ``srun`` without torchrun: rank and size come from mpi4py (``pip install
+  moue[mpi]``); rank 0's host name is broadcast as MASTER_ADDR and MASTER_PORT defaults to 29500.
+  Under SLURM without mpi4py, SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID are read.
+- A plain ``python`` process: a world of one on 127.0.0.1.
+
+Backend: nccl when the run's device is cuda, gloo on CPU (where the CPU backend of
+``parallel.cpu_backend`` is switched on).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from parallel.layout import ParallelLayout
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, as told by its launcher."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # torchrun | mpi | slurm | single
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _int_env(env, name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError as err:
+        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer; "
+                         "check the launcher's command line") from err
+
+
+def read_launch_env(env: dict | None = None) -> LaunchEnv:
+    """Read the rank environment of torchrun, mpirun (via mpi4py) or srun."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=_int_env(env, "RANK"), world_size=_int_env(env, "WORLD_SIZE"),
+            local_rank=_int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
+            launcher="torchrun",
+        )
+    mpi = _mpi_launch_env(env)
+    if mpi is not None:
+        return mpi
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", ""))
+        if _int_env(env, "SLURM_NTASKS") > 1 and "MASTER_ADDR" not in env:
+            raise RuntimeError(
+                f"srun without torchrun: set MASTER_ADDR to the first host of {nodes!r} "
+                "(e.g. MASTER_ADDR=$(scontrol show hostnames | head -n1)), or install moue[mpi]."
+            )
+        return LaunchEnv(
+            rank=_int_env(env, "SLURM_PROCID"), world_size=_int_env(env, "SLURM_NTASKS"),
+            local_rank=_int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
+            launcher="slurm",
+        )
+    return LaunchEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1",
+                     master_port=_free_port(), launcher="single")
+
+
+_MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+def _mpi_launch_env(env) -> LaunchEnv | None:
+    if not any(m in env for m in _MPI_MARKERS):
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() == 1:
+        return None
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    addr = comm.bcast(socket.gethostname() if comm.Get_rank() == 0 else None, root=0)
+    return LaunchEnv(
+        rank=comm.Get_rank(), world_size=comm.Get_size(), local_rank=local.Get_rank(),
+        master_addr=env.get("MASTER_ADDR", addr),
+        master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
+        launcher="mpi",
+    )
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """``auto``: cuda when available, else cpu. ``cuda`` without a GPU is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested not in ("cpu", "cuda"):
+        raise ValueError(f"device={requested!r}: use 'auto', 'cpu' or 'cuda'.")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'.")
+    return torch.device(requested)
+
+
+def init_distributed(
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: int = 1,
+    device: str = "auto",
+    timeout_minutes: float = 10,
+    env: LaunchEnv | None = None,
+) -> ParallelLayout:
+    """Start torch.distributed and Megatron's parallel state for this process; returns the layout.
+
+    The layout is validated against the real world size *before* any process group is created,
+    so a bad combination fails with a clear message on every rank instead of a hang.
+    """
+    env = env or read_launch_env()
+    layout = ParallelLayout(world_size=env.world_size, tp=tp, pp=pp, ep=ep, etp=etp)
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        from parallel import cpu_backend
+
+        cpu_backend.enable()
+    else:
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        torch.distributed.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            init_method="env://", rank=env.rank, world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    init_model_parallel(layout)
+    return layout
+
+
+def init_model_parallel(layout: ParallelLayout) -> None:
+    """(Re)build Megatron-Core's process groups for ``layout`` on the running world."""
+    from megatron.core import parallel_state
+
+    if torch.distributed.get_world_size() != layout.world_size:
+        raise ValueError(f"layout is for world_size={layout.world_size} but "
+                         f"{torch.distributed.get_world_size()} processes are running")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy, torch and Megatron's tracked RNG states (tensor/expert parallel).
+
+    As in Megatron-LM, each pipeline stage offsets the seed by 100 so stages do not share
+    dropout streams; tensor- and expert-parallel offsets are applied by Megatron's
+    ``model_parallel_cuda_manual_seed``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    """Tear down Megatron's parallel state and the default process group."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

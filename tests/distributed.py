@@ -1,0 +1,92 @@
+"""Run many multi-rank test cases in one ``torchrun`` launch (launches cost ~10 s each on 2 cores).
+
+A case module defines ``CASES = Cases()`` and registers functions with ``@CASES.case(nproc=2)``;
+each returns a JSON-serialisable value (the numbers the test asserts on). ``launch(module,
+nproc)`` starts one torchrun with that many CPU processes, which run every case registered for
+that world size in order and write one JSON file per rank; pytest then asserts on the values.
+Results are cached per session, so several tests share one launch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Cases:
+    """An ordered registry of distributed cases: name -> (function, number of processes)."""
+
+    def __init__(self):
+        self.fns: dict[str, tuple[Callable[[], object], int]] = {}
+
+    def add(self, name: str, fn: Callable[[], object], nproc: int):
+        if name in self.fns:
+            raise ValueError(f"case {name!r} registered twice")
+        self.fns[name] = (fn, nproc)
+
+    def case(self, nproc: int = 2, name: str | None = None):
+        def register(fn):
+            self.add(name or fn.__name__, fn, nproc)
+            return fn
+        return register
+
+    def names(self, nproc: int) -> list[str]:
+        return [n for n, (_, p) in self.fns.items() if p == nproc]
+
+
+@dataclass
+class Results:
+    """Per-rank outcomes of one launch: ``results[name]`` is the list of per-rank values."""
+
+    by_rank: list[dict]
+    log: str
+
+    def __getitem__(self, name: str) -> list:
+        values = []
+        for rank, outcomes in enumerate(self.by_rank):
+            if name not in outcomes:
+                pytest.fail(f"case {name!r} did not run on rank {rank}; launch log tail:\n"
+                            f"{self.log[-4000:]}")
+            outcome = outcomes[name]
+            if not outcome["ok"]:
+                pytest.fail(f"case {name!r} failed on rank {rank}:\n{outcome['traceback']}")
+            values.append(outcome["value"])
+        return values
+
+    def error(self, name: str) -> str | None:
+        """The error text of a case on rank 0 (None if it succeeded)."""
+        outcome = self.by_rank[0].get(name)
+        if outcome is None:
+            pytest.fail(f"case {name!r} did not run; launch log tail:\n{self.log[-4000:]}")
+        return None if outcome["ok"] else outcome["error"]
+
+
+@functools.cache
+def launch(module: str, nproc: int, timeout: float = 900) -> Results:
+    """Run every case of ``module`` registered for ``nproc`` processes in one torchrun."""
+    out = Path(tempfile.mkdtemp(prefix="moue-dist-"))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "tests.dist_worker", module, str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    log = proc.stdout + proc.stderr
+    by_rank = []
+    for rank in range(nproc):
+        path = out / f"rank{rank}.json"
+        if not path.exists():
+            pytest.fail(f"torchrun of {module} (nproc={nproc}) wrote no results for rank {rank} "
+                        f"(exit {proc.returncode}):\n{log[-6000:]}")
+        by_rank.append(json.loads(path.read_text()))
+    return Results(by_rank, log)

@@ -1,0 +1,178 @@
+"""A small Megatron-Core GPT with MoE, trained a few steps with Megatron DDP and its optimizer.
+
+The reference workload of the foundation tests: pure Megatron-Core (no MoUE code), so that a
+difference between layouts is a fault of the parallel stack or of the CPU backend.
+
+Every layout starts from the same weights: each parameter is filled from its *global*
+checkpoint key (Megatron's ``sharded_state_dict`` gives key, global shape and this rank's
+offsets), so tensor, expert and pipeline sharding all slice the same full tensors.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from moue.layer_specs import local_gpt_block_spec
+from parallel.launch import init_model_parallel, seed_everything
+from parallel.layout import ParallelLayout
+
+
+@dataclass(frozen=True)
+class TinyGPT:
+    num_layers: int = 4
+    hidden_size: int = 32
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 64
+    num_experts: int = 4
+    topk: int = 2
+    seq_length: int = 16
+    vocab_size: int = 128
+    micro_batch_size: int = 1
+    global_batch_size: int = 4
+    dispatcher: str = "alltoall"
+    aux_loss_coeff: float = 1e-2
+    lr: float = 1e-2
+    steps: int = 3
+
+
+def transformer_config(shape: TinyGPT, layout: ParallelLayout) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=shape.num_layers, hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads, ffn_hidden_size=shape.ffn_hidden_size,
+        num_moe_experts=shape.num_experts, moe_router_topk=shape.topk,
+        moe_ffn_hidden_size=shape.ffn_hidden_size, moe_token_dispatcher_type=shape.dispatcher,
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=shape.aux_loss_coeff,
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
+        sequence_parallel=layout.sequence_parallel, normalization="RMSNorm",
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        bias_dropout_fusion=False, masked_softmax_fusion=False, bias_activation_fusion=False,
+        gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+        use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+    )
+
+
+def fill_by_global_key(model: torch.nn.Module, seed: int) -> int:
+    """Give every parameter values drawn from its global checkpoint key; returns #tensors set."""
+    count = 0
+    with torch.no_grad():
+        for sh in model.sharded_state_dict().values():
+            if not hasattr(sh, "global_shape") or sh.key.endswith("_extra_state"):
+                continue
+            g = torch.Generator().manual_seed(seed + zlib.crc32(sh.key.encode()))
+            full = torch.randn(sh.global_shape, generator=g)
+            full = 1.0 + 0.1 * full if len(sh.global_shape) - sh.prepend_axis_num == 1 else 0.05 * full
+            local_shape = (1,) * sh.prepend_axis_num + tuple(sh.data.shape)
+            index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset, local_shape))
+            sh.data.copy_(full[index].reshape(sh.data.shape))
+            count += 1
+    return count
+
+
+def batch(shape: TinyGPT, step: int) -> torch.Tensor:
+    """The global batch of a step: [global_batch_size, seq_length + 1] token ids."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, shape.vocab_size, (shape.global_batch_size, shape.seq_length + 1), generator=g)
+
+
+def _microbatches(shape: TinyGPT, step: int):
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    per_rank = shape.global_batch_size // dp
+    tokens = batch(shape, step)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    for i in range(0, per_rank, shape.micro_batch_size):
+        chunk = tokens[i:i + shape.micro_batch_size]
+        yield {"tokens": chunk[:, :-1], "labels": chunk[:, 1:]}
+
+
+def _forward_step(data_iterator, model):
+    mb = next(data_iterator)
+    positions = torch.arange(mb["tokens"].shape[1]).unsqueeze(0).expand_as(mb["tokens"])
+    per_token = model(mb["tokens"], positions, attention_mask=None, labels=mb["labels"])
+
+    def loss_func(output):
+        loss = output.float().mean()
+        # clone: Megatron divides the returned loss in place by the number of micro-batches
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return per_token, loss_func
+
+
+def _reduce_loss(losses: list[dict]) -> float:
+    """Mean micro-batch loss of the step, averaged over data-parallel ranks, known on every rank."""
+    value = torch.zeros(1)
+    if parallel_state.is_pipeline_last_stage():
+        value[0] = torch.stack([x["lm loss"] for x in losses]).mean()
+        torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value /= parallel_state.get_data_parallel_world_size()
+    torch.distributed.broadcast(value, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                group=parallel_state.get_pipeline_model_parallel_group())
+    return value.item()
+
+
+def build(shape: TinyGPT, layout: ParallelLayout, *, distributed_optimizer: bool = True, seed: int = 7):
+    init_model_parallel(layout)
+    seed_everything(seed)
+    config = transformer_config(shape, layout)
+    model = GPTModel(
+        config=config, transformer_layer_spec=local_gpt_block_spec(config, shape.num_experts),
+        vocab_size=shape.vocab_size, max_sequence_length=shape.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=False, position_embedding_type="rope",
+    )
+    fill_by_global_key(model, seed)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer)
+    model = DistributedDataParallel(config, ddp_config, module=model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=shape.lr, weight_decay=0.01, clip_grad=1.0,
+                        use_distributed_optimizer=distributed_optimizer,
+                        params_dtype=torch.float32),
+        [model])
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    config.grad_scale_func = optimizer.scale_loss
+    return model, optimizer
+
+
+def train(shape: TinyGPT, layout: ParallelLayout, **build_kwargs) -> dict:
+    """Train ``shape.steps`` steps; returns the loss history and the grad norm of every step."""
+    model, optimizer = build(shape, layout, **build_kwargs)
+    dp = parallel_state.get_data_parallel_world_size()
+    num_micro = shape.global_batch_size // (shape.micro_batch_size * dp)
+    losses, grad_norms = [], []
+    for step in range(shape.steps):
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        step_losses = get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=_microbatches(shape, step),
+            model=[model], num_microbatches=num_micro, seq_length=shape.seq_length,
+            micro_batch_size=shape.micro_batch_size, forward_only=False)
+        ok, grad_norm, _ = optimizer.step()
+        if not ok:
+            raise RuntimeError(f"optimizer step {step} was skipped")
+        losses.append(_reduce_loss(step_losses))
+        grad_norms.append(float(grad_norm))
+    return {"losses": losses, "grad_norms": grad_norms}
+
+
+LAYOUTS = {  # name -> (tp, pp, ep) on two processes; etp takes the layout's default
+    "dp2": (1, 1, 1), "tp2_sp": (2, 1, 1), "ep2": (1, 1, 2), "pp2": (1, 2, 1), "tp2_ep2": (2, 1, 2),
+}
+
+
+def layout_for(name: str, world_size: int) -> ParallelLayout:
+    tp, pp, ep = LAYOUTS[name] if name != "single" else (1, 1, 1)
+    return ParallelLayout(world_size=world_size, tp=tp, pp=pp, ep=ep)
+
+
