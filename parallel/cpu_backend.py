@@ -102,8 +102,9 @@ def _module(name: str):
 
 @adaptation(
     "current_device",
-    call_site="torch.cuda.current_device() as device= (GlobalMemoryBuffer, tensor_parallel "
-    "mappings/layers, moe router, schedules, DDP buffers; ~175 call sites)",
+    call_site="torch.cuda.current_device() as device=, ~175 call sites: "
+    "distributed/param_and_grad_buffer.py, tensor_parallel/mappings.py, tensor_parallel/layers.py, "
+    "transformer/moe/router.py, pipeline_parallel/schedules.py, utils.py (GlobalMemoryBuffer)",
     symptom="Torch not compiled with CUDA enabled",
 )
 def _current_device() -> list[_Patch]:
@@ -149,10 +150,9 @@ class _CpuRngTracker:
 
 @adaptation(
     "rng_tracker",
-    call_site="megatron.core.tensor_parallel.random: CudaRNGStatesTracker.add/fork, "
-    "_get_cuda_rng_state, _set_cuda_rng_state (model_parallel_cuda_manual_seed, activation "
-    "recompute)",
-    symptom="Torch not compiled with CUDA enabled (torch.cuda.get_rng_state)",
+    call_site="tensor_parallel/random.py: CudaRNGStatesTracker.add/fork, _get_cuda_rng_state, "
+    "_set_cuda_rng_state (model_parallel_cuda_manual_seed, activation recompute)",
+    symptom="Torch not compiled with CUDA enabled",  # torch.cuda.get_rng_state()
 )
 def _rng_tracker() -> list[_Patch]:
     random = _module("megatron.core.tensor_parallel.random")
@@ -205,9 +205,10 @@ class _NoStream:
 @adaptation(
     "streams",
     call_site="torch.cuda.Stream/Event/stream/current_stream/default_stream/synchronize in "
-    "MoEAlltoAllTokenDispatcher.__init__ and _maybe_dtoh_and_synchronize, "
-    "param_and_grad_buffer (grad reduce), DistributedDataParallel, p2p_communication",
-    symptom="torch.cuda.Stream requires CUDA support",
+    "transformer/moe/token_dispatcher.py (MoEAlltoAllTokenDispatcher), "
+    "distributed/param_and_grad_buffer.py, distributed/distributed_data_parallel.py, "
+    "pipeline_parallel/p2p_communication.py",
+    symptom="Torch not compiled with CUDA enabled",  # torch.cuda.Stream() on a CPU build
 )
 def _streams() -> list[_Patch]:
     cuda = torch.cuda
@@ -246,9 +247,9 @@ def _streams() -> list[_Patch]:
 
 @adaptation(
     "te_general_gemm",
-    call_site="megatron.core.transformer.moe.moe_utils.RouterGatingLinearFunction (0.16.x "
-    "references te_general_gemm, which is defined only when Transformer Engine imports)",
-    symptom="NameError: name 'te_general_gemm' is not defined",
+    call_site="transformer/moe/moe_utils.py: RouterGatingLinearFunction (0.16.x references "
+    "te_general_gemm, which is defined only when Transformer Engine imports; fixed in 0.19)",
+    symptom="name 'te_general_gemm' is not defined",
 )
 def _te_general_gemm() -> list[_Patch]:
     moe_utils = _module("megatron.core.transformer.moe.moe_utils")
@@ -267,9 +268,9 @@ def _to_cpu_or_numpy(tensor, as_numpy=False, record_stream=False):
 
 @adaptation(
     "alltoall_splits",
-    call_site="megatron.core.transformer.moe.token_dispatcher: maybe_move_tensor_to_cpu("
-    "as_numpy=True) converts only CUDA tensors, so the alltoall dispatcher hands tensors as "
-    "split sizes to torch.distributed.all_to_all_single",
+    call_site="transformer/moe/token_dispatcher.py: maybe_move_tensor_to_cpu(as_numpy=True) "
+    "converts only CUDA tensors, so tensors reach all_to_all_single as split sizes in "
+    "tensor_parallel/mappings.py",
     symptom="all_to_all_single(): incompatible function arguments",
 )
 def _alltoall_splits() -> list[_Patch]:
@@ -282,9 +283,10 @@ _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange")
 
 @adaptation(
     "cuda_device_literals",
-    call_site="device='cuda' / .cuda() / pin_memory() / record_stream(): optimizer "
-    "(_scale, found_inf), clip_grads, grad_scaler, schedules (total_num_tokens), "
-    "param_and_grad_buffer, moe_utils, utils",
+    call_site="device='cuda' / .cuda() / pin_memory() / record_stream(): optimizer/optimizer.py "
+    "(_scale, found_inf), optimizer/clip_grads.py, optimizer/grad_scaler.py, "
+    "pipeline_parallel/schedules.py (total_num_tokens), distributed/param_and_grad_buffer.py, "
+    "transformer/moe/moe_utils.py, utils.py",
     symptom="Torch not compiled with CUDA enabled",
 )
 def _cuda_device_literals() -> list[_Patch]:
@@ -325,10 +327,10 @@ _CUDA_TYPE = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cud
 
 @adaptation(
     "cuda_type_strings",
-    call_site="megatron.core.optimizer: DistributedOptimizer._build_model_and_main_param_groups, "
-    "Float16OptimizerWithFloat16Params, clip_grads check param.type() against "
-    "'torch.cuda.*Tensor' strings",
-    symptom="TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor, ...",
+    call_site="param.type() compared with 'torch.cuda.*Tensor' strings: "
+    "optimizer/distrib_optimizer.py (_build_model_and_main_param_groups), optimizer/optimizer.py "
+    "(Float16OptimizerWithFloat16Params), optimizer/clip_grads.py",
+    symptom="Wrapped parameters must be one of torch.cuda.FloatTensor",
 )
 def _cuda_type_strings() -> list[_Patch]:
     original = torch.Tensor.type
@@ -350,8 +352,9 @@ def _cuda_type_strings() -> list[_Patch]:
 class CpuBackend:
     """Handle to the applied adaptations; ``disable()`` restores everything."""
 
-    def __init__(self, names: list[str], patches: list[_Patch]):
+    def __init__(self, names: list[str], patches: list[_Patch], applied: dict[str, int]):
         self.names = names
+        self.applied = applied  # adaptation -> number of patches it needed on this release
         self._patches = patches
 
     def disable(self):
@@ -388,12 +391,14 @@ def enable(skip: Iterable[str] = ()) -> CpuBackend:
         if _ACTIVE.names == names:
             return _ACTIVE
         _ACTIVE.disable()
-    patches = []
+    patches, applied = [], {}
     for name in names:
-        for patch in ADAPTATIONS[name].patches():
+        own = ADAPTATIONS[name].patches()
+        for patch in own:
             patch.apply()
-            patches.append(patch)
-    _ACTIVE = CpuBackend(names, patches)
+        patches += own
+        applied[name] = len(own)
+    _ACTIVE = CpuBackend(names, patches, applied)
     return _ACTIVE
 
 
