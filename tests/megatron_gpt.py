@@ -73,7 +73,7 @@ def fill_by_global_key(model: torch.nn.Module, seed: int) -> int:
             full = torch.randn(sh.global_shape, generator=g)
             full = 1.0 + 0.1 * full if len(sh.global_shape) - sh.prepend_axis_num == 1 else 0.05 * full
             local_shape = (1,) * sh.prepend_axis_num + tuple(sh.data.shape)
-            index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset, local_shape))
+            index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset, local_shape, strict=True))
             sh.data.copy_(full[index].reshape(sh.data.shape))
             count += 1
     return count

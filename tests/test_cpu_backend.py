@@ -63,9 +63,9 @@ def test_disable_restores_every_name():
         cpu_backend.active().disable()
     before = _torch_names()
     backend = cpu_backend.enable()
-    assert all(a is not b for a, b in zip(_torch_names(), before))
+    assert all(a is not b for a, b in zip(_torch_names(), before, strict=True))
     backend.disable()
-    assert all(a is b for a, b in zip(_torch_names(), before))
+    assert all(a is b for a, b in zip(_torch_names(), before, strict=True))
     assert cpu_backend.active() is None
 
 

@@ -1,0 +1,43 @@
+# moue - developer commands. `make test` on a fresh machine installs everything it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On a machine without torch, install this build first: with torch already present, the
+# project's torch range is satisfied and pip never pulls a multi-GB CUDA build on a CPU machine.
+TORCH ?= torch==2.13.0
+# The newest Megatron-Core line (0.19.x declares Python>=3.12; it runs on 3.11 and is checked here).
+COMPAT_VENV ?= .venv-mc019
+COMPAT_MCORE ?= megatron-core>=0.19,<0.20
+
+.PHONY: install test test-compat lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+# The compatibility subset (tests marked `compat`) against megatron-core 0.19.x. Its dependencies
+# are installed first and megatron-core with --no-deps, so --ignore-requires-python touches
+# nothing else (it would otherwise pick a numpy that needs Python 3.12).
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -m pytest -q -m compat
+
+$(COMPAT_VENV)/.installed: pyproject.toml
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -c "import torch" 2>/dev/null || $(COMPAT_VENV)/bin/python -m pip install "$(TORCH)"
+	$(COMPAT_VENV)/bin/python -m pip install "numpy<2.5" packaging tensorboard pyyaml tqdm psutil "pytest>=8"
+	$(COMPAT_VENV)/bin/python -m pip install --no-deps --ignore-requires-python "$(COMPAT_MCORE)"
+	$(COMPAT_VENV)/bin/python -m pip install --no-deps -e .
+	touch $@
+
+lint: install
+	$(PY) -m ruff check moue parallel data_tools tests
+
+clean:
+	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache .ruff_cache
