@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -72,14 +74,40 @@ class Results:
         return None if outcome["ok"] else outcome["error"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @functools.cache
-def launch(module: str, nproc: int, timeout: float = 900) -> Results:
-    """Run every case of ``module`` registered for ``nproc`` processes in one torchrun."""
+def launch(module: str, nproc: int, launcher: str = "torchrun", device: str = "cpu",
+           only: tuple[str, ...] = (), timeout: float = 900) -> Results:
+    """Run every case of ``module`` registered for ``nproc`` processes in one launch.
+
+    ``launcher``: ``torchrun`` (the default) or ``mpirun`` (mpiexec of the installed MPI; ranks
+    are read through mpi4py). ``device``: ``cpu`` (GPUs hidden, gloo, the CPU backend) or
+    ``cuda`` (nccl). ``only``: run just these cases.
+    """
     out = Path(tempfile.mkdtemp(prefix="moue-dist-"))
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", MOUE_TEST_DEVICE=device,
+               MOUE_TEST_CASES=",".join(only),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "tests.dist_worker", module, str(out)]
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    worker = ["-m", "tests.dist_worker", module, str(out)]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", *worker]
+    elif launcher == "mpirun":
+        env["MASTER_PORT"] = str(_free_port())
+        mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or "mpiexec"
+        cmd = [mpiexec, "--allow-run-as-root", "--oversubscribe", "-n", str(nproc),
+               *(x for var in ("PYTHONPATH", "MASTER_PORT", "MOUE_TEST_DEVICE", "MOUE_TEST_CASES",
+                         "CUDA_VISIBLE_DEVICES") if var in env for x in ("-x", var)),
+               sys.executable, *worker]
+    else:
+        raise ValueError(f"launcher={launcher!r}: use 'torchrun' or 'mpirun'")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     log = proc.stdout + proc.stderr
     by_rank = []

@@ -85,18 +85,24 @@ def batch(shape: TinyGPT, step: int) -> torch.Tensor:
     return torch.randint(0, shape.vocab_size, (shape.global_batch_size, shape.seq_length + 1), generator=g)
 
 
+def _device() -> torch.device:
+    """cuda when the run communicates over nccl (a GPU run), else cpu."""
+    return torch.device("cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+
+
 def _microbatches(shape: TinyGPT, step: int):
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     per_rank = shape.global_batch_size // dp
     tokens = batch(shape, step)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
     for i in range(0, per_rank, shape.micro_batch_size):
-        chunk = tokens[i:i + shape.micro_batch_size]
+        chunk = tokens[i:i + shape.micro_batch_size].to(_device())
         yield {"tokens": chunk[:, :-1], "labels": chunk[:, 1:]}
 
 
 def _forward_step(data_iterator, model):
     mb = next(data_iterator)
-    positions = torch.arange(mb["tokens"].shape[1]).unsqueeze(0).expand_as(mb["tokens"])
+    positions = torch.arange(mb["tokens"].shape[1], device=mb["tokens"].device)
+    positions = positions.unsqueeze(0).expand_as(mb["tokens"])
     per_token = model(mb["tokens"], positions, attention_mask=None, labels=mb["labels"])
 
     def loss_func(output):
@@ -109,7 +115,7 @@ def _forward_step(data_iterator, model):
 
 def _reduce_loss(losses: list[dict]) -> float:
     """Mean micro-batch loss of the step, averaged over data-parallel ranks, known on every rank."""
-    value = torch.zeros(1)
+    value = torch.zeros(1, device=_device())
     if parallel_state.is_pipeline_last_stage():
         value[0] = torch.stack([x["lm loss"] for x in losses]).mean()
         torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
@@ -130,6 +136,7 @@ def build(shape: TinyGPT, layout: ParallelLayout, *, distributed_optimizer: bool
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=False, position_embedding_type="rope",
     )
+    model.to(_device())
     fill_by_global_key(model, seed)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer)
