@@ -51,17 +51,21 @@ def _int_env(env, name: str) -> int:
                          "check the launcher's command line") from err
 
 
+def _from_variables(env, rank: str, size: str, local_rank: str, launcher: str) -> LaunchEnv:
+    return LaunchEnv(
+        rank=_int_env(env, rank), world_size=_int_env(env, size),
+        local_rank=_int_env(env, local_rank) if local_rank in env else 0,
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
+        launcher=launcher,
+    )
+
+
 def read_launch_env(env: dict | None = None) -> LaunchEnv:
     """Read the rank environment of torchrun, mpirun (via mpi4py) or srun."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(
-            rank=_int_env(env, "RANK"), world_size=_int_env(env, "WORLD_SIZE"),
-            local_rank=_int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
-            launcher="torchrun",
-        )
+        return _from_variables(env, "RANK", "WORLD_SIZE", "LOCAL_RANK", "torchrun")
     mpi = _mpi_launch_env(env)
     if mpi is not None:
         return mpi
@@ -72,13 +76,7 @@ def read_launch_env(env: dict | None = None) -> LaunchEnv:
                 f"srun without torchrun: set MASTER_ADDR to the first host of {nodes!r} "
                 "(e.g. MASTER_ADDR=$(scontrol show hostnames | head -n1)), or install moue[mpi]."
             )
-        return LaunchEnv(
-            rank=_int_env(env, "SLURM_PROCID"), world_size=_int_env(env, "SLURM_NTASKS"),
-            local_rank=_int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
-            launcher="slurm",
-        )
+        return _from_variables(env, "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "slurm")
     return LaunchEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1",
                      master_port=_free_port(), launcher="single")
 

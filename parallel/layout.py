@@ -32,14 +32,6 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _must_divide(what: str, degree: int, quantity: str, total: int, why: str, valid: list[int]):
-    if total % degree:
-        raise ValueError(
-            f"{what}={degree} does not divide {quantity}={total}: {why}. "
-            f"Valid values: {', '.join(map(str, valid)) or 'none'}."
-        )
-
-
 @dataclass(frozen=True, kw_only=True)
 class ParallelLayout:
     """Degrees of tensor (tp), pipeline (pp), expert (ep) and expert-tensor (etp) parallelism.
@@ -113,37 +105,36 @@ class ParallelLayout:
         seq_length: int | None = None,
     ) -> ParallelLayout:
         """Check that the model's dimensions split evenly under this layout; returns self."""
-        _must_divide("parallel.pp", self.pp, "model.num_layers", num_layers,
-                     "each pipeline stage holds num_layers/pp layers",
-                     [p for p in _divisors(num_layers) if self.world_size % (p * self.tp) == 0])
-        tp_fits = lambda n: [t for t in _divisors(n) if self.world_size % (t * self.pp) == 0]  # noqa: E731
-        _must_divide("parallel.tp", self.tp, "model.num_attention_heads", num_attention_heads,
-                     "each tensor-parallel rank computes num_attention_heads/tp heads",
-                     tp_fits(num_attention_heads))
-        if num_query_groups is not None:
-            _must_divide("parallel.tp", self.tp, "model.num_query_groups", num_query_groups,
-                         "key/value groups are split over tensor-parallel ranks",
-                         tp_fits(num_query_groups))
-        if ffn_hidden_size is not None:
-            _must_divide("parallel.tp", self.tp, "model.ffn_hidden_size", ffn_hidden_size,
-                         "dense MLP columns are split over tensor-parallel ranks",
-                         tp_fits(ffn_hidden_size))
-        if seq_length is not None and self.sequence_parallel:
-            _must_divide("parallel.tp", self.tp, "model.seq_length", seq_length,
-                         "sequence parallelism (on when tp>1) splits the sequence over tp ranks",
-                         tp_fits(seq_length))
-        if num_experts is not None:
-            _must_divide("parallel.ep", self.ep, "moe.num_experts", num_experts,
-                         "each expert-parallel rank holds num_experts/ep experts",
-                         [e for e in _divisors(num_experts)
-                          if self.world_size % (self.etp * e * self.pp) == 0])
-        if expert_ffn_hidden_size is not None:
-            _must_divide("parallel.etp", self.etp, "moe.expert_ffn_hidden_size",
-                         expert_ffn_hidden_size,
-                         "expert MLP columns are split over expert-tensor-parallel ranks",
-                         [t for t in _divisors(expert_ffn_hidden_size)
-                          if self.world_size % (t * self.ep * self.pp) == 0])
+        checks = [  # (degree, config field, its value, why it must divide)
+            ("pp", "model.num_layers", num_layers, "each pipeline stage holds num_layers/pp layers"),
+            ("tp", "model.num_attention_heads", num_attention_heads,
+             "each tensor-parallel rank computes num_attention_heads/tp heads"),
+            ("tp", "model.num_query_groups", num_query_groups,
+             "key/value groups are split over tensor-parallel ranks"),
+            ("tp", "model.ffn_hidden_size", ffn_hidden_size,
+             "dense MLP columns are split over tensor-parallel ranks"),
+            ("tp", "model.seq_length", seq_length if self.sequence_parallel else None,
+             "sequence parallelism (on when tp>1) splits the sequence over tp ranks"),
+            ("ep", "moe.num_experts", num_experts,
+             "each expert-parallel rank holds num_experts/ep experts"),
+            ("etp", "moe.expert_ffn_hidden_size", expert_ffn_hidden_size,
+             "expert MLP columns are split over expert-tensor-parallel ranks"),
+        ]
+        for degree, field, total, why in checks:
+            value = getattr(self, degree)
+            if total is not None and total % value:
+                valid = [v for v in _divisors(total) if self._fits_world(degree, v)]
+                raise ValueError(
+                    f"parallel.{degree}={value} does not divide {field}={total}: {why}. "
+                    f"Valid values: {', '.join(map(str, valid)) or 'none'}."
+                )
         return self
+
+    def _fits_world(self, degree: str, value: int) -> bool:
+        """Whether ``degree=value``, the other degrees unchanged, still divides the world size."""
+        sizes = {"tp": self.tp, "pp": self.pp, "ep": self.ep, "etp": self.etp, degree: value}
+        return (self.world_size % (sizes["tp"] * sizes["pp"]) == 0
+                and self.world_size % (sizes["etp"] * sizes["ep"] * sizes["pp"]) == 0)
 
     def describe(self) -> dict:
         """The resolved layout as plain numbers (for logs and dry runs)."""
