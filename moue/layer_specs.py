@@ -58,3 +58,34 @@ def local_gpt_block_spec(config: TransformerConfig, num_experts: int | None) -> 
         num_experts=num_experts, normalization=config.normalization, qk_layernorm=config.qk_layernorm))
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
                                       layer_norm=SequenceParallelTorchNorm)
+
+
+def moue_block_spec(config: TransformerConfig, *, moe_layer_freq: int, state_dim: int,
+                    router, experts_factory, pp_rank: int) -> TransformerBlockSubmodules:
+    """This stage's layers: MoUE layers (shared pool, universal router) every ``moe_layer_freq``
+    layers and dense layers between them, all carrying the trajectory state.
+
+    ``router`` is the ``MoESubmodules.router`` builder, ``experts_factory`` the class returning
+    the stage's one pool (``moue.pool.shared_pool_factory``).
+    """
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from moue.layer import MoUETransformerLayer
+
+    def layer_spec(is_moe: bool) -> ModuleSpec:
+        spec = _replace_norms(get_gpt_layer_local_spec(
+            num_experts=config.num_moe_experts if is_moe else None,
+            normalization=config.normalization, qk_layernorm=config.qk_layernorm))
+        spec.module = MoUETransformerLayer
+        spec.params = {**(spec.params or {}), "state_dim": state_dim}
+        if is_moe:
+            moe = spec.submodules.mlp.submodules
+            moe.router = router
+            moe.experts = experts_factory(moe.experts)
+        return spec
+
+    offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, pp_rank=pp_rank)
+    kinds = [(offset + i) % moe_layer_freq == 0 for i in range(count)]
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(k) for k in kinds],
+                                      layer_norm=SequenceParallelTorchNorm)

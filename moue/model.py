@@ -1,0 +1,99 @@
+"""Build a MoUE GPT on Megatron-Core: GPTModel with the universal pool, router and balance.
+
+Per pipeline stage the decoder holds, registered once each:
+- ``decoder.expert_pool``: the stage's ``ExpertPool`` (its EP shard of the pool), referenced by
+  every MoE layer as a plain attribute (so ``parameters()`` and checkpoints list it once);
+- ``decoder.pool_balance``: the balance state (loads F, aux-free bias);
+- ``decoder.expert_embedding``: U, when the trajectory state is on.
+
+Process groups are passed in (``pg_collection``), never fetched here.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from moue.balance import Balance, build_balance
+from moue.config import RunConfig
+from moue.layer_specs import moue_block_spec
+from moue.pool import UniversalEmbedding, shared_pool_factory
+from moue.router import SharedRouting, UniversalRouter
+from parallel.pool_sync import broadcast_replicas, mark_pipeline_replicas
+
+
+def build_model(cfg: RunConfig, config: TransformerConfig, pg_collection) -> GPTModel:
+    """The MoUE GPT of ``cfg`` for this rank's pipeline stage."""
+    model_cfg, moe = cfg.model, cfg.moe
+    pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
+    layers_per_stage = model_cfg.num_layers // pp_size
+    if layers_per_stage % model_cfg.moe_layer_freq:
+        raise ValueError(
+            f"model.moe_layer_freq={model_cfg.moe_layer_freq} must divide the "
+            f"{layers_per_stage} layers of each pipeline stage (parallel.pp={pp_size}): every "
+            "stage holds a replica of the pool and needs MoE layers of its own")
+    topology = cfg.topology()
+    embedding = (UniversalEmbedding(moe.num_experts, moe.router_state_dim, config.init_method,
+                                    config.sequence_parallel)
+                 if moe.router_state_dim else None)
+    shared = SharedRouting(topology=topology,
+                           balance=build_balance(moe.balance, topology, moe.balance_coeff,
+                                                 moe.aux_free_rate),
+                           embedding=embedding, moe_layer_freq=model_cfg.moe_layer_freq)
+    experts_factory = None
+
+    def remember_factory(experts_spec):
+        nonlocal experts_factory
+        experts_factory = experts_factory or shared_pool_factory(experts_spec)
+        return experts_factory
+
+    spec = moue_block_spec(config, moe_layer_freq=model_cfg.moe_layer_freq,
+                           state_dim=moe.router_state_dim,
+                           router=partial(UniversalRouter, shared=shared),
+                           experts_factory=remember_factory, pp_rank=pp_rank)
+    model = GPTModel(
+        config=config, transformer_layer_spec=spec, vocab_size=model_cfg.vocab_size,
+        max_sequence_length=model_cfg.seq_length, pre_process=pp_rank == 0,
+        post_process=pp_rank == pp_size - 1, share_embeddings_and_output_weights=False,
+        position_embedding_type="rope", pg_collection=pg_collection,
+    )
+    _register_shared(model.decoder, experts_factory.pool, shared)
+    replicas = [*model.decoder.expert_pool.parameters(),
+                *(embedding.parameters() if embedding is not None else [])]
+    mark_pipeline_replicas(replicas, pg_collection.pp)
+    broadcast_replicas(replicas, pg_collection.pp)
+    if moe.router_state_dim:
+        model.decoder.layers[0].unpack_state = pp_rank > 0
+        model.decoder.layers[-1].pack_state = pp_rank < pp_size - 1
+    return model
+
+
+def _register_shared(decoder: torch.nn.Module, pool, shared: SharedRouting) -> None:
+    """Register the pool, balance and U once on the decoder; layers keep plain references."""
+    for layer in decoder.layers:
+        if layer.is_moe_layer:
+            del layer.mlp._modules["experts"]
+            layer.mlp.__dict__["experts"] = pool
+    decoder.expert_pool = pool
+    decoder.pool_balance = shared.balance
+    if shared.embedding is not None:
+        decoder.expert_embedding = shared.embedding
+
+
+def balance_modules(model_chunks) -> list:
+    """The balance modules of a model (one per chunk), for ``parallel.pool_sync``."""
+    return [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, Balance)]
+
+
+def pipeline_shapes(state_dim: int):
+    """``adjust_tensor_shapes_fn`` for Megatron's 1F1B schedule: tensors between stages carry the
+    trajectory state after the hidden channels."""
+
+    def adjust(recv_shapes, send_shapes):
+        widen = lambda shapes: [(*s[:-1], s[-1] + state_dim) for s in shapes]  # noqa: E731
+        return widen(recv_shapes), widen(send_shapes)
+
+    return adjust if state_dim else None

@@ -1,0 +1,116 @@
+"""Which pool experts each MoE layer may route to: the eligibility mask ``mask_LE`` [L, E].
+
+Shapes: ``L`` MoE layers, ``E`` pool experts, ``W`` experts per window (equal for every layer).
+
+- ``standard``: ``E = L*N``, layer ``l`` sees ``[l*N, (l+1)*N)`` - exactly a classic MoE.
+- ``rotational``: a ring; layer ``l`` sees ``{(l*s + j) mod E : j < w}``. Adjacent layers share
+  ``w - s`` experts. With ``w = s = N`` and ``E = L*N`` it equals ``standard``.
+- ``full``: every layer sees the whole pool.
+
+A topology is a small registered class; add one by subclassing ``Topology`` with
+``@register_topology("name")``. Derived figures (reported at start and by ``--dry-run``):
+exposure ``c_e`` (layers that can reach expert e), virtual width ``sum_l |S_l|``, reuse factor
+``virtual width / E``, and ``Q_E`` (each expert's share under uniform routing in every window).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from moue.config import MoEConfig
+
+TOPOLOGIES: dict[str, type[Topology]] = {}
+
+
+def register_topology(name: str):
+    def register(cls):
+        cls.name = name
+        TOPOLOGIES[name] = cls
+        return cls
+    return register
+
+
+class Topology(ABC):
+    """Eligibility of pool experts per MoE layer, validated and with its derived figures."""
+
+    name: ClassVar[str]
+
+    def __init__(self, moe: MoEConfig, num_moe_layers: int):
+        self.num_layers, self.num_experts, self.topk = num_moe_layers, moe.num_experts, moe.topk
+        self.mask_LE = self._mask(moe).bool()
+        sizes = self.mask_LE.sum(dim=1)
+        if not bool((sizes == sizes[0]).all()):
+            raise ValueError(f"moe.topology={self.name!r}: every layer needs a window of the same "
+                             f"size; got {sizes.tolist()}")
+        if int(sizes[0]) < moe.topk:
+            raise ValueError(f"moe.topk={moe.topk}: larger than the window of "
+                             f"{int(sizes[0])} experts that topology {self.name!r} gives each layer")
+
+    @abstractmethod
+    def _mask(self, moe: MoEConfig) -> torch.Tensor:
+        """The boolean eligibility mask [L, E]."""
+
+    @property
+    def window(self) -> int:
+        return int(self.mask_LE[0].sum())
+
+    def eligible(self, layer: int) -> torch.Tensor:
+        """Pool ids eligible in MoE layer ``layer`` (0-based), ascending [W]: row i of the
+        layer's router weight scores expert ``eligible(layer)[i]``."""
+        return self.mask_LE[layer].nonzero().flatten()
+
+    @property
+    def exposure_E(self) -> torch.Tensor:
+        return self.mask_LE.sum(dim=0)
+
+    @property
+    def virtual_width(self) -> int:
+        return int(self.mask_LE.sum())
+
+    @property
+    def reuse_factor(self) -> float:
+        return self.virtual_width / self.num_experts
+
+    @property
+    def uniform_share_E(self) -> torch.Tensor:
+        """Q_E: mean over layers of 1/|S_l| on the window - sums to 1."""
+        return (self.mask_LE.float() / self.mask_LE.sum(dim=1, keepdim=True)).mean(dim=0)
+
+
+@register_topology("standard")
+class Standard(Topology):
+    def _mask(self, moe):
+        per_layer, rest = divmod(moe.num_experts, self.num_layers)
+        if rest:
+            raise ValueError(
+                f"moe.num_experts={moe.num_experts}: the standard topology gives each of the "
+                f"{self.num_layers} MoE layers its own block, so num_experts must be a multiple "
+                f"of {self.num_layers} (e.g. {self.num_layers * max(1, per_layer)})")
+        layer_of_expert = torch.arange(moe.num_experts) // per_layer
+        return layer_of_expert[None, :] == torch.arange(self.num_layers)[:, None]
+
+
+@register_topology("rotational")
+class Rotational(Topology):
+    def _mask(self, moe):
+        if moe.window > moe.num_experts:
+            raise ValueError(f"moe.window={moe.window}: larger than the pool "
+                             f"(moe.num_experts={moe.num_experts})")
+        mask = torch.zeros(self.num_layers, moe.num_experts, dtype=torch.bool)
+        for layer in range(self.num_layers):
+            mask[layer, (layer * moe.stride + torch.arange(moe.window)) % moe.num_experts] = True
+        return mask
+
+
+@register_topology("full")
+class Full(Topology):
+    def _mask(self, moe):
+        return torch.ones(self.num_layers, moe.num_experts, dtype=torch.bool)
+
+
+def build_topology(moe: MoEConfig, num_moe_layers: int) -> Topology:
+    return TOPOLOGIES[moe.topology](moe, num_moe_layers)

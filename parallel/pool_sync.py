@@ -1,0 +1,51 @@
+"""Keeping the universal pool consistent across ranks: replicas over pipeline stages, loads.
+
+- Every pipeline stage holds a replica of its EP shard of the pool (and of U). Replicas start
+  equal (``broadcast_replicas`` from stage 0) and stay equal because their gradients are summed
+  over the pipeline group before the optimizer step by Megatron's
+  ``_allreduce_conditional_embedding_grads`` (finalize_model_grads.py), which acts on parameters
+  tagged ``pipeline_parallel=True`` when ``config.has_cond_embedder`` is set.
+  ``shared=True`` on stages > 0 keeps the grad norm from counting a replica twice
+  (``param_is_not_shared``); ``shared_embedding=True`` gives each its own bucket so the
+  distributed optimizer shards it alike on every stage.
+- The pool's loads (assignments per expert) are summed over every rank once per step:
+  ranks of a step route distinct tokens (data / sequence shards) or distinct layers (stages).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def mark_pipeline_replicas(params: Iterable[torch.nn.Parameter], pp_group) -> None:
+    """Tag pool/U parameters as replicas over ``pp_group`` (no-op with one stage)."""
+    if pp_group.size() == 1:
+        return
+    for param in params:
+        param.pipeline_parallel = True
+        param.shared_embedding = True
+        param.shared = pp_group.rank() > 0
+
+
+@torch.no_grad()
+def broadcast_replicas(params: Iterable[torch.nn.Parameter], pp_group) -> None:
+    """Copy stage 0's values into every stage's replica."""
+    if pp_group.size() == 1:
+        return
+    src = torch.distributed.get_global_rank(pp_group, 0)
+    for param in params:
+        torch.distributed.broadcast(param.data, src=src, group=pp_group)
+
+
+@torch.no_grad()
+def finish_step_loads(balances: Iterable, group=None) -> torch.Tensor | None:
+    """Sum each balance module's step counts over ``group`` (default: all ranks) and hand them
+    back as the next step's loads. Returns the summed counts (of the last module)."""
+    summed = None
+    for balance in balances:
+        summed = balance.counts_E.clone()
+        torch.distributed.all_reduce(summed, group=group)
+        balance.end_step(summed)
+    return summed
