@@ -1,7 +1,8 @@
-"""A small Megatron-Core GPT with MoE, trained a few steps with Megatron DDP and its optimizer.
+"""A small training harness for the equivalence tests: Megatron DDP, its optimizer, its schedules.
 
-The reference workload of the foundation tests: pure Megatron-Core (no MoUE code), so that a
-difference between layouts is a fault of the parallel stack or of the CPU backend.
+``train(build_fn, layout)`` trains any GPTModel a builder returns. ``megatron_builder`` gives the
+reference workload of the foundation tests: pure Megatron-Core GPT with MoE (no MoUE code), so
+that a difference between layouts is a fault of the parallel stack or of the CPU backend.
 
 Every layout starts from the same weights: each parameter is filled from its *global*
 checkpoint key (Megatron's ``sharded_state_dict`` gives key, global shape and this rank's
@@ -20,6 +21,11 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moue.layer_specs import local_gpt_block_spec
@@ -41,8 +47,6 @@ class TinyGPT:
     global_batch_size: int = 4
     dispatcher: str = "alltoall"
     aux_loss_coeff: float = 1e-2
-    lr: float = 1e-2
-    steps: int = 3
 
 
 def transformer_config(shape: TinyGPT, layout: ParallelLayout) -> TransformerConfig:
@@ -63,11 +67,16 @@ def transformer_config(shape: TinyGPT, layout: ParallelLayout) -> TransformerCon
 
 
 def fill_by_global_key(model: torch.nn.Module, seed: int) -> int:
-    """Give every parameter values drawn from its global checkpoint key; returns #tensors set."""
+    """Give every parameter values drawn from its global checkpoint key; returns #tensors set.
+
+    Buffers (e.g. the balance state) keep their initial values.
+    """
     count = 0
+    params = {p.data_ptr() for p in model.parameters()}
     with torch.no_grad():
         for sh in model.sharded_state_dict().values():
-            if not hasattr(sh, "global_shape") or sh.key.endswith("_extra_state"):
+            data = getattr(sh, "data", None)
+            if not torch.is_tensor(data) or data.data_ptr() not in params:
                 continue
             g = torch.Generator().manual_seed(seed + zlib.crc32(sh.key.encode()))
             full = torch.randn(sh.global_shape, generator=g)
@@ -79,10 +88,19 @@ def fill_by_global_key(model: torch.nn.Module, seed: int) -> int:
     return count
 
 
-def batch(shape: TinyGPT, step: int) -> torch.Tensor:
+def batch(data: Data, step: int) -> torch.Tensor:
     """The global batch of a step: [global_batch_size, seq_length + 1] token ids."""
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(0, shape.vocab_size, (shape.global_batch_size, shape.seq_length + 1), generator=g)
+    return torch.randint(0, data.vocab_size, (data.global_batch_size, data.seq_length + 1),
+                         generator=g)
+
+
+@dataclass(frozen=True)
+class Data:
+    vocab_size: int
+    seq_length: int
+    global_batch_size: int = 4
+    micro_batch_size: int = 1
 
 
 def _device() -> torch.device:
@@ -90,12 +108,12 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
 
 
-def _microbatches(shape: TinyGPT, step: int):
+def _microbatches(data: Data, step: int):
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    per_rank = shape.global_batch_size // dp
-    tokens = batch(shape, step)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    for i in range(0, per_rank, shape.micro_batch_size):
-        chunk = tokens[i:i + shape.micro_batch_size].to(_device())
+    per_rank = data.global_batch_size // dp
+    tokens = batch(data, step)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    for i in range(0, per_rank, data.micro_batch_size):
+        chunk = tokens[i:i + data.micro_batch_size].to(_device())
         yield {"tokens": chunk[:, :-1], "labels": chunk[:, 1:]}
 
 
@@ -125,52 +143,95 @@ def _reduce_loss(losses: list[dict]) -> float:
     return value.item()
 
 
-def build(shape: TinyGPT, layout: ParallelLayout, *, distributed_optimizer: bool = True, seed: int = 7):
+@dataclass
+class Built:
+    """What a builder returns: the (unwrapped) model and its Megatron config, plus MoUE hooks."""
+
+    model: torch.nn.Module
+    config: TransformerConfig
+    data: Data
+    pipeline_shapes: object = None  # adjust_tensor_shapes_fn for the 1F1B schedule
+    after_step: object = None  # called after each optimizer step (pool loads)
+
+
+def megatron_builder(shape: TinyGPT):
+    def build_fn(layout: ParallelLayout, seed: int) -> Built:
+        config = transformer_config(shape, layout)
+        model = GPTModel(
+            config=config, transformer_layer_spec=local_gpt_block_spec(config, shape.num_experts),
+            vocab_size=shape.vocab_size, max_sequence_length=shape.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=False, position_embedding_type="rope",
+        )
+        return Built(model, config, Data(shape.vocab_size, shape.seq_length,
+                                         shape.global_batch_size, shape.micro_batch_size))
+    return build_fn
+
+
+def build(build_fn, layout: ParallelLayout, *, lr: float = 1e-2,
+          distributed_optimizer: bool = True, seed: int = 7, fill=fill_by_global_key):
     init_model_parallel(layout)
     seed_everything(seed)
-    config = transformer_config(shape, layout)
-    model = GPTModel(
-        config=config, transformer_layer_spec=local_gpt_block_spec(config, shape.num_experts),
-        vocab_size=shape.vocab_size, max_sequence_length=shape.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=False, position_embedding_type="rope",
-    )
-    model.to(_device())
-    fill_by_global_key(model, seed)
+    built = build_fn(layout, seed)
+    built.model.to(_device())
+    fill(built.model, seed)
+    config = built.config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer)
-    model = DistributedDataParallel(config, ddp_config, module=model)
+    model = DistributedDataParallel(config, ddp_config, module=built.model)
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=shape.lr, weight_decay=0.01, clip_grad=1.0,
+        OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.01, clip_grad=1.0,
                         use_distributed_optimizer=distributed_optimizer,
                         params_dtype=torch.float32),
         [model])
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = model.no_sync
     config.grad_scale_func = optimizer.scale_loss
-    return model, optimizer
+    return model, optimizer, built
 
 
-def train(shape: TinyGPT, layout: ParallelLayout, **build_kwargs) -> dict:
-    """Train ``shape.steps`` steps; returns the loss history and the grad norm of every step."""
-    model, optimizer = build(shape, layout, **build_kwargs)
+def _balance_loss(num_micro: int) -> float:
+    """The step's balance loss: summed over layers (Megatron's aux-loss tracker, reduced over
+    stages and sequence shards), averaged over micro-batches and data-parallel ranks."""
+    tracker = get_moe_layer_wise_logging_tracker()
+    if "balance_loss" not in tracker:
+        return 0.0
+    reduce_aux_losses_tracker_across_ranks()
+    value = tracker["balance_loss"]["values"].sum().reshape(1) / num_micro
+    torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+    clear_aux_losses_tracker()
+    return value.item() / parallel_state.get_data_parallel_world_size()
+
+
+def train(build_fn, layout: ParallelLayout, steps: int = 3, **build_kwargs) -> dict:
+    """Train ``steps`` steps; returns the loss history and the grad norm of every step."""
+    model, optimizer, built = build(build_fn, layout, **build_kwargs)
+    data = built.data
     dp = parallel_state.get_data_parallel_world_size()
-    num_micro = shape.global_batch_size // (shape.micro_batch_size * dp)
-    losses, grad_norms = [], []
-    for step in range(shape.steps):
+    num_micro = data.global_batch_size // (data.micro_batch_size * dp)
+    losses, grad_norms, balance = [], [], []
+    clear_aux_losses_tracker()
+    for step in range(steps):
         model.zero_grad_buffer()
         optimizer.zero_grad()
+        schedule_kwargs = {}
+        if built.pipeline_shapes is not None and layout.pp > 1:
+            schedule_kwargs["adjust_tensor_shapes_fn"] = built.pipeline_shapes
         step_losses = get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=_microbatches(shape, step),
-            model=[model], num_microbatches=num_micro, seq_length=shape.seq_length,
-            micro_batch_size=shape.micro_batch_size, forward_only=False)
+            forward_step_func=_forward_step, data_iterator=_microbatches(data, step),
+            model=[model], num_microbatches=num_micro, seq_length=data.seq_length,
+            micro_batch_size=data.micro_batch_size, forward_only=False, **schedule_kwargs)
         ok, grad_norm, _ = optimizer.step()
         if not ok:
             raise RuntimeError(f"optimizer step {step} was skipped")
+        if built.after_step is not None:
+            built.after_step()
         losses.append(_reduce_loss(step_losses))
         grad_norms.append(float(grad_norm))
-    return {"losses": losses, "grad_norms": grad_norms}
+        balance.append(_balance_loss(num_micro))
+    return {"losses": losses, "grad_norms": grad_norms, "balance_loss": balance,
+            "model": model}
 
 
 LAYOUTS = {  # name -> (tp, pp, ep) on two processes; etp takes the layout's default

@@ -11,16 +11,20 @@ from parallel import cpu_backend
 from parallel.launch import init_model_parallel
 from parallel.layout import ParallelLayout
 from tests.distributed import Cases
-from tests.megatron_gpt import LAYOUTS, TinyGPT, layout_for, train
+from tests.megatron_gpt import LAYOUTS, TinyGPT, layout_for, megatron_builder, train
 
 CASES = Cases()
 
-CASES.add("gpt_train[single]", lambda: train(TinyGPT(), layout_for("single", 1)), nproc=1)
+def _train(layout: str, world_size: int, **kwargs) -> dict:
+    run = train(megatron_builder(TinyGPT()), layout_for(layout, world_size), **kwargs)
+    return {"losses": run["losses"], "grad_norms": run["grad_norms"]}
+
+
+CASES.add("gpt_train[single]", partial(_train, "single", 1), nproc=1)
 for _name in LAYOUTS:
-    CASES.add(f"gpt_train[{_name}]", partial(lambda n: train(TinyGPT(), layout_for(n, 2)), _name),
-              nproc=2)
+    CASES.add(f"gpt_train[{_name}]", partial(_train, _name, 2), nproc=2)
 CASES.add("gpt_train[dp2_plain_optimizer]",
-          lambda: train(TinyGPT(), layout_for("dp2", 2), distributed_optimizer=False), nproc=2)
+          partial(_train, "dp2", 2, distributed_optimizer=False), nproc=2)
 
 
 def _deepest_megatron_frame(err: BaseException) -> str:
@@ -34,7 +38,7 @@ def _without(name: str, layout: str, world_size: int) -> dict:
         return {"applies": False}  # this Megatron-Core release needs no adaptation here
     cpu_backend.enable(skip={name})
     try:
-        train(TinyGPT(steps=1), layout_for(layout, world_size))
+        train(megatron_builder(TinyGPT()), layout_for(layout, world_size), steps=1)
     except Exception as err:
         return {"applies": True, "error": f"{type(err).__name__}: {err}"[:300],
                 "megatron_file": _deepest_megatron_frame(err)}
