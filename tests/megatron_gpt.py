@@ -66,10 +66,12 @@ def transformer_config(shape: TinyGPT, layout: ParallelLayout) -> TransformerCon
     )
 
 
-def fill_by_global_key(model: torch.nn.Module, seed: int) -> int:
+def fill_by_global_key(model: torch.nn.Module, seed: int, aliases: dict | None = None) -> int:
     """Give every parameter values drawn from its global checkpoint key; returns #tensors set.
 
-    Buffers (e.g. the balance state) keep their initial values.
+    Buffers (e.g. the balance state) keep their initial values. ``aliases`` maps a key to
+    ``(source_key, source_global_shape)``: the values of another model's key, reshaped (how the
+    MoUE pool [L*N, ...] takes a standard MoE's per-layer experts [L, N, ...]).
     """
     count = 0
     params = {p.data_ptr() for p in model.parameters()}
@@ -78,8 +80,9 @@ def fill_by_global_key(model: torch.nn.Module, seed: int) -> int:
             data = getattr(sh, "data", None)
             if not torch.is_tensor(data) or data.data_ptr() not in params:
                 continue
-            g = torch.Generator().manual_seed(seed + zlib.crc32(sh.key.encode()))
-            full = torch.randn(sh.global_shape, generator=g)
+            key, shape = (aliases or {}).get(sh.key, (sh.key, sh.global_shape))
+            g = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
+            full = torch.randn(shape, generator=g).reshape(sh.global_shape)
             full = 1.0 + 0.1 * full if len(sh.global_shape) - sh.prepend_axis_num == 1 else 0.05 * full
             local_shape = (1,) * sh.prepend_axis_num + tuple(sh.data.shape)
             index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset, local_shape, strict=True))

@@ -43,3 +43,35 @@ def test_layout_matches_one_process(layout, reference):
 def test_pool_replicas_stay_bit_identical_across_stages():
     for run in launch(CASES, 2)["moue_train[pp2]"]:
         assert run["replicas_identical"] is True
+
+
+@pytest.mark.parametrize("layout,nproc", [("single", 1), ("ep2", 2)])
+def test_standard_topology_is_megatron_moe(layout, nproc):
+    """Same weights: the standard topology's logits and gradients are Megatron-Core's MoE's
+    (N=4 experts per layer vs a pool of 16; per_layer balance x L vs Megatron's aux loss)."""
+    for run in launch(CASES, nproc)[f"standard_vs_megatron[{layout}]"]:
+        assert run["logits"] <= 1e-5 * run["logits_scale"], run
+        assert run["dense_grads"] <= 1e-5 and run["dense_params_compared"] >= 20, run
+        assert run["expert_grads"] <= 1e-5 * run["grad_scale"], run
+    if nproc == 2:  # pool expert e lives on EP rank e mod 2
+        ranks = launch(CASES, nproc)[f"standard_vs_megatron[{layout}]"]
+        assert [r["placement"] for r in ranks] == [list(range(0, 16, 2)), list(range(1, 16, 2))]
+
+
+def test_pool_expert_gradient_is_the_sum_over_its_layers():
+    run = launch(CASES, 1)["pool_grad_sum"][0]
+    assert run["max_diff"] <= 1e-6 * run["scale"], run
+    assert run["layers_reaching_expert"] == run["exposure"] == [2] * 8
+
+
+def test_zero_trajectory_state_reproduces_the_stateless_router_exactly():
+    run = launch(CASES, 1)["state_off_equals_zero_state"][0]
+    assert run == {"logits_equal": True, "grads_equal": True}
+
+
+def test_routing_of_a_layer_depends_on_the_previous_layers_choices_through_the_state():
+    with_state = launch(CASES, 1)["state_carries_choices[d8]"][0]
+    without = launch(CASES, 1)["state_carries_choices[d0]"][0]
+    assert with_state["layer0_choices_changed"] and without["layer0_choices_changed"]
+    assert with_state["layer1_logits_changed"]
+    assert not without["layer1_logits_changed"]  # expert outputs are zero: only the state links

@@ -5,8 +5,17 @@ from functools import partial
 import torch
 from megatron.core import parallel_state
 
+from parallel.launch import init_model_parallel, seed_everything
 from tests.distributed import Cases
-from tests.megatron_gpt import LAYOUTS, layout_for, train
+from tests.megatron_gpt import (
+    LAYOUTS,
+    TinyGPT,
+    batch,
+    fill_by_global_key,
+    layout_for,
+    megatron_builder,
+    train,
+)
 from tests.moue_gpt import moue_builder, tiny
 
 CASES = Cases()
@@ -35,3 +44,178 @@ def _train(layout: str, world_size: int, *overrides: str) -> dict:
 CASES.add("moue_train[single]", partial(_train, "single", 1), nproc=1)
 for _name in LAYOUTS:
     CASES.add(f"moue_train[{_name}]", partial(_train, _name, 2), nproc=2)
+
+
+# --- The standard topology is exactly Megatron-Core's MoE -----------------------------------
+
+L, N = 4, 4  # layers, experts per layer: the MoUE pool has E = L*N = 16
+
+
+def _one_step(model, data):
+    """Logits of a fixed batch and the gradients of one backward (CE loss + balance loss)."""
+    tokens = batch(data, 0)[:2]
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
+    logits = model(inputs, positions, attention_mask=None)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+    loss.backward()
+    return logits.detach()
+
+
+def _expert_grads(experts_by_pool_id, ep_group):
+    """{'fc1'/'fc2': [E, ...] global gradients}, gathered over the expert-parallel group."""
+    out = {}
+    for name in ("linear_fc1", "linear_fc2"):
+        some = next(iter(experts_by_pool_id.values()))
+        full = torch.zeros(L * N, *getattr(some, name).weight.shape)
+        for pool_id, expert in experts_by_pool_id.items():
+            full[pool_id] = getattr(expert, name).weight.grad
+        torch.distributed.all_reduce(full, group=ep_group)
+        out[name] = full
+    return out
+
+
+def _standard_vs_megatron(layout: str, world_size: int) -> dict:
+    lay = layout_for(layout, world_size)
+    init_model_parallel(lay)
+    seed_everything(3)
+    shape = TinyGPT(num_experts=N, topk=2, ffn_hidden_size=64, aux_loss_coeff=0.01)
+    meg = megatron_builder(shape)(lay, 3)
+    fill_by_global_key(meg.model, 3)
+    # per_layer balance, scaled by L, is Megatron's per-layer aux loss summed over layers.
+    cfg = tiny("moe.topology=standard", f"moe.num_experts={L * N}", "moe.expert_ffn_hidden_size=64",
+               "moe.router_state_dim=0", "moe.balance=per_layer", f"moe.balance_coeff={0.01 * L}")
+    ours = moue_builder(cfg)(lay, 3)
+    aliases = {f"decoder.expert_pool.experts.{n}.weight":
+               (f"decoder.layers.mlp.experts.experts.{n}.weight", (L, N, *s))
+               for n, s in (("linear_fc1", (64, 32)), ("linear_fc2", (32, 64)))}
+    fill_by_global_key(ours.model, 3, aliases)
+    meg_logits, our_logits = _one_step(meg.model, meg.data), _one_step(ours.model, ours.data)
+
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    ep_rank, n_local = ep_group.rank(), N // ep_group.size()
+    meg_experts = {l * N + ep_rank * n_local + j: e
+                   for l, layer in enumerate(meg.model.decoder.layers)
+                   for j, e in enumerate(layer.mlp.experts.local_experts)}
+    pool = ours.model.decoder.expert_pool
+    our_experts = dict(zip(pool.pool_ids(), pool.local_experts, strict=True))
+    meg_g, our_g = _expert_grads(meg_experts, ep_group), _expert_grads(our_experts, ep_group)
+    dense = {n: p.grad for n, p in meg.model.named_parameters() if "experts" not in n}
+    return {
+        "logits": (our_logits - meg_logits).abs().max().item(),
+        "logits_scale": meg_logits.abs().max().item(),
+        "dense_grads": max((p.grad - dense[n]).abs().max().item()
+                           for n, p in ours.model.named_parameters() if n in dense),
+        "dense_params_compared": sum(n in dense for n, _ in ours.model.named_parameters()),
+        "expert_grads": max((our_g[k] - meg_g[k]).abs().max().item() for k in our_g),
+        "grad_scale": max(g.abs().max().item() for g in meg_g.values()),
+        "placement": pool.pool_ids(),
+    }
+
+
+CASES.add("standard_vs_megatron[single]", partial(_standard_vs_megatron, "single", 1), nproc=1)
+CASES.add("standard_vs_megatron[ep2]", partial(_standard_vs_megatron, "ep2", 2), nproc=2)
+
+
+# --- The shared pool and the trajectory state -------------------------------------------------
+
+
+class _PrivateCopy:
+    """Stands in for the pool in one layer, with that layer's own copy of its parameters."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.params = {n: p.detach().clone().requires_grad_() for n, p in pool.named_parameters()}
+
+    def __call__(self, *args, **kwargs):
+        return torch.func.functional_call(self.pool, self.params, args, kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+
+def _one_process_model(*overrides: str, seed: int = 5):
+    lay = layout_for("single", 1)
+    init_model_parallel(lay)
+    seed_everything(seed)
+    built = moue_builder(tiny(*overrides))(lay, seed)
+    fill_by_global_key(built.model, seed)
+    return built
+
+
+def _pool_grad_is_sum_of_layer_grads() -> dict:
+    built = _one_process_model("moe.router_state_dim=0", "moe.balance=none")
+    model, pool = built.model, built.model.decoder.expert_pool
+    _one_step(model, built.data)
+    shared = {n: p.grad.clone() for n, p in pool.named_parameters()}
+    model.zero_grad()
+    copies = []
+    for layer in model.decoder.layers:
+        copies.append(_PrivateCopy(pool))
+        layer.mlp.__dict__["experts"] = copies[-1]
+    _one_step(model, built.data)
+    summed = {n: sum(c.params[n].grad for c in copies) for n in shared}
+    # Layers whose private copy of expert e got a gradient: e's exposure (2 for w=4, s=2).
+    reached = [sum(bool(c.params[f"local_experts.{e}.linear_fc1.weight"].grad.abs().sum() > 0)
+                   for c in copies) for e in range(pool.num_local_experts)]
+    return {"max_diff": max((summed[n] - shared[n]).abs().max().item() for n in shared),
+            "scale": max(g.abs().max().item() for g in shared.values()),
+            "layers_reaching_expert": reached,
+            "exposure": tiny().topology().exposure_E.tolist()}
+
+
+def _router_logits(model, data) -> list:
+    """Logits of every MoE layer's router for a fixed batch, and each layer's routing map."""
+    captured = []
+    for layer in model.decoder.layers:
+        router = layer.mlp.router
+        original = router.gating
+
+        def gating(x, _original=original):
+            captured.append(_original(x).detach())
+            return captured[-1]
+
+        router.gating = gating
+    with torch.no_grad():
+        _one_step_no_grad(model, data)
+    for layer in model.decoder.layers:
+        del layer.mlp.router.gating
+    return captured
+
+
+def _one_step_no_grad(model, data):
+    tokens = batch(data, 0)[:2, :-1]
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    return model(tokens, positions, attention_mask=None)
+
+
+def _state_off_equals_zero_state() -> dict:
+    stateless = _one_process_model("moe.router_state_dim=0")
+    stateful = _one_process_model("moe.router_state_dim=8")
+    stateful.model.decoder.expert_embedding.weight.data.zero_()
+    a, b = _one_step(stateless.model, stateless.data), _one_step(stateful.model, stateful.data)
+    grads_a = dict(stateless.model.named_parameters())
+    same_grads = all(torch.equal(p.grad, grads_a[n].grad)
+                     for n, p in stateful.model.named_parameters() if n in grads_a)
+    return {"logits_equal": torch.equal(a, b), "grads_equal": same_grads}
+
+
+def _state_carries_earlier_choices(state_dim: int) -> dict:
+    """Zero every expert's output (so hidden states ignore routing), change layer 0's routing:
+    does layer 1's router see it?"""
+    built = _one_process_model(f"moe.router_state_dim={state_dim}")
+    model = built.model
+    for expert in model.decoder.expert_pool.local_experts:
+        expert.linear_fc2.weight.data.zero_()
+    before = _router_logits(model, built.data)
+    model.decoder.layers[0].mlp.router.weight.data.mul_(-1.0)
+    after = _router_logits(model, built.data)
+    choices = lambda logits: logits.view(-1, logits.shape[-1]).topk(2).indices.sort().values  # noqa: E731
+    return {"layer0_choices_changed": not torch.equal(choices(before[0]), choices(after[0])),
+            "layer1_logits_changed": not torch.equal(before[1], after[1])}
+
+
+CASES.add("pool_grad_sum", _pool_grad_is_sum_of_layer_grads, nproc=1)
+CASES.add("state_off_equals_zero_state", _state_off_equals_zero_state, nproc=1)
+CASES.add("state_carries_choices[d8]", partial(_state_carries_earlier_choices, 8), nproc=1)
+CASES.add("state_carries_choices[d0]", partial(_state_carries_earlier_choices, 0), nproc=1)
