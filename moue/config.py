@@ -162,7 +162,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(mock=True))
 
     def __post_init__(self):
-        moe, model = self.moe, self.model
+        moe = self.moe
         if moe.topology == "rotational":
             _check(moe.window <= moe.num_experts, "moe.window", moe.window,
                    f"the window cannot be larger than the pool (moe.num_experts="
@@ -180,9 +180,11 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _nearest(key: str, valid) -> str:
+def _nearest(key: str, valid, prefix: str = "") -> str:
     close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
-    return f"; did you mean {' or '.join(close)}?" if close else f"; valid: {', '.join(valid)}"
+    if close:
+        return f"; did you mean {' or '.join(prefix + c for c in close)}?"
+    return f"; valid: {', '.join(prefix + v for v in valid)}"
 
 
 def _set_dotted(tree: dict, dotted: str, value):
@@ -195,13 +197,28 @@ def _set_dotted(tree: dict, dotted: str, value):
     tree.setdefault(section, {})[key] = value
 
 
+def _coerce(name: str, annotation: str, value):
+    """YAML reads ``1e-3`` as a string (YAML 1.1 wants ``1.0e-3``): take numbers as declared."""
+    kinds = annotation.replace(" ", "").split("|")
+    if isinstance(value, bool) or value is None:
+        return value
+    try:
+        if "float" in kinds and isinstance(value, (int, str)):
+            return float(value)
+        if "int" in kinds and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: must be a number") from None
+    return value
+
+
 def _build_section(name: str, values: dict):
     cls = SECTIONS[name]
-    names = [f.name for f in fields(cls)]
+    types = {f.name: f.type for f in fields(cls)}
     for key in values:
-        if key not in names:
-            raise ValueError(f"unknown key {name}.{key}{_nearest(key, names)}")
-    return cls(**values)
+        if key not in types:
+            raise ValueError(f"unknown key {name}.{key}{_nearest(key, types, f'{name}.')}")
+    return cls(**{k: _coerce(f"{name}.{k}", types[k], v) for k, v in values.items()})
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

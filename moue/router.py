@@ -17,8 +17,9 @@ Per step, elastic training may set ``topk`` and ``expert_mask_E`` (experts kept;
 
 The state enters through ``state_in`` and leaves through ``state_out``, set by
 ``moue.layer.MoUETransformerLayer`` around the MoE forward. That is safe without recompute and
-under full recompute (the layer, state included, is what is recomputed). It is not safe under
-selective ``moe`` recompute, which ``moue.megatron_config`` refuses while the state is on.
+under full recompute (the layer, state included, is what is recomputed). It would not be safe
+under Megatron's selective ``moe`` recompute, which checkpoints only the MoE layer's own inputs:
+when recompute options are added, that one must be refused while the state is on.
 """
 
 from __future__ import annotations

@@ -75,3 +75,21 @@ def test_routing_of_a_layer_depends_on_the_previous_layers_choices_through_the_s
     assert with_state["layer0_choices_changed"] and without["layer0_choices_changed"]
     assert with_state["layer1_logits_changed"]
     assert not without["layer1_logits_changed"]  # expert outputs are zero: only the state links
+
+
+def test_aux_free_shared_expert_sigmoid_variant_matches_and_moves_the_bias():
+    reference = launch(CASES, 1)["moue_variant[single]"][0]
+    nudges = [abs(b) for b in reference["bias"]]
+    # Each step moves every bias by +-rate (fp32): whole multiples of 0.05, some non-zero.
+    assert max(nudges) > 0 and all(abs(n / 0.05 - round(n / 0.05)) < 1e-4 for n in nudges)
+    for run in launch(CASES, 2)["moue_variant[ep2]"]:
+        assert _max_rel(run["losses"], reference["losses"]) < RTOL
+        assert _max_rel(run["grad_norms"], reference["grad_norms"]) < RTOL
+        assert run["bias"] == reference["bias"]  # loads summed over ranks: same nudges
+
+
+@pytest.mark.parametrize("name", ["rotational_state", "standard_no_state",
+                                  "dense_between_shared_gqa_layernorm"])
+def test_dry_run_parameter_count_is_the_built_models(name):
+    run = launch(CASES, 1)[f"param_count[{name}]"][0]
+    assert run["dry_run"] == run["built"]

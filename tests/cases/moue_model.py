@@ -34,8 +34,13 @@ def _pool_replicas_identical(model) -> bool | None:
     return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
 
+# lr 3e-3: at 1e-2 two Adam steps on this tiny model amplify float reordering under TP (SP
+# reductions) to ~1e-5 in the grad norm (measured: 1.2e-5 at 1e-2, 3.5e-7 at 3e-3, 3e-8 at 1e-3).
+LR = 3e-3
+
+
 def _train(layout: str, world_size: int, *overrides: str) -> dict:
-    run = train(moue_builder(tiny(*overrides)), layout_for(layout, world_size))
+    run = train(moue_builder(tiny(*overrides)), layout_for(layout, world_size), lr=LR)
     return {"losses": run["losses"], "grad_norms": run["grad_norms"],
             "balance_loss": run["balance_loss"],
             "replicas_identical": _pool_replicas_identical(run["model"])}
@@ -44,6 +49,20 @@ def _train(layout: str, world_size: int, *overrides: str) -> dict:
 CASES.add("moue_train[single]", partial(_train, "single", 1), nproc=1)
 for _name in LAYOUTS:
     CASES.add(f"moue_train[{_name}]", partial(_train, _name, 2), nproc=2)
+
+# Aux-free balance (selection bias from the pool's loads), a shared expert, sigmoid scores.
+VARIANT = ("moe.balance=aux_free", "moe.aux_free_rate=0.05", "moe.shared_experts=1",
+           "moe.score_function=sigmoid")
+
+
+def _train_variant(layout: str, world_size: int) -> dict:
+    run = train(moue_builder(tiny(*VARIANT)), layout_for(layout, world_size), lr=LR)
+    bias = run["model"].module.decoder.pool_balance.bias_E
+    return {"losses": run["losses"], "grad_norms": run["grad_norms"], "bias": bias.tolist()}
+
+
+CASES.add("moue_variant[single]", partial(_train_variant, "single", 1), nproc=1)
+CASES.add("moue_variant[ep2]", partial(_train_variant, "ep2", 2), nproc=2)
 
 
 # --- The standard topology is exactly Megatron-Core's MoE -----------------------------------
@@ -219,3 +238,29 @@ CASES.add("pool_grad_sum", _pool_grad_is_sum_of_layer_grads, nproc=1)
 CASES.add("state_off_equals_zero_state", _state_off_equals_zero_state, nproc=1)
 CASES.add("state_carries_choices[d8]", partial(_state_carries_earlier_choices, 8), nproc=1)
 CASES.add("state_carries_choices[d0]", partial(_state_carries_earlier_choices, 0), nproc=1)
+
+
+# --- The dry run's parameter count is the built model's ---------------------------------------
+
+DRY_RUN_CONFIGS = {
+    "rotational_state": (),
+    "standard_no_state": ("moe.topology=standard", "moe.router_state_dim=0"),
+    "dense_between_shared_gqa_layernorm": (
+        "model.moe_layer_freq=2", "moe.shared_experts=1", "model.num_query_groups=2",
+        "model.normalization=LayerNorm", "moe.topology=full"),
+}
+
+
+def _built_param_count(name: str) -> dict:
+    from moue.dry_run import report
+
+    cfg = tiny(*DRY_RUN_CONFIGS[name])
+    lay = layout_for("single", 1)
+    init_model_parallel(lay)
+    built = moue_builder(cfg)(lay, 1)
+    return {"built": sum(p.numel() for p in built.model.parameters()),
+            "dry_run": report(cfg, world_size=1)["params_total"]}
+
+
+for _name in DRY_RUN_CONFIGS:
+    CASES.add(f"param_count[{_name}]", partial(_built_param_count, _name), nproc=1)

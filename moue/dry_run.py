@@ -1,0 +1,79 @@
+"""What a run would be, computed from its config alone: no weights, no processes.
+
+Parameter counts follow the modules ``moue.model`` builds (local spec: GELU MLPs without biases,
+RMSNorm/LayerNorm, untied embeddings, RoPE). ``params_active`` counts what one token uses:
+everything except the pool, plus ``topk`` experts in each MoE layer (U and the routers count in
+full). The memory estimate covers weights, gradients and Adam states per rank (fp32 master
+weights and gradients, Adam moments sharded over data-parallel ranks by the distributed
+optimizer), not activations.
+"""
+
+from __future__ import annotations
+
+from moue.config import RunConfig
+from parallel.layout import ParallelLayout
+
+
+def param_counts(cfg: RunConfig) -> dict[str, int]:
+    """Parameters by part (whole model, all ranks together)."""
+    m, moe = cfg.model, cfg.moe
+    h, heads = m.hidden_size, m.num_attention_heads
+    kv = h // heads
+    groups = m.num_query_groups or heads
+    norm = h * (2 if m.normalization == "LayerNorm" else 1)
+    attention = h * (heads + 2 * groups) * kv + heads * kv * h + norm  # qkv, proj, input norm
+    n_moe = len(m.moe_layers)
+    n_dense = m.num_layers - n_moe
+    expert = 2 * h * moe.expert_ffn_hidden_size
+    topology = cfg.topology()
+    return {
+        "embedding": m.vocab_size * h,
+        "output_layer": m.vocab_size * h,
+        "attention": m.num_layers * attention,
+        "dense_mlp": n_dense * (2 * h * m.ffn_hidden_size + norm),
+        "moe_norms": n_moe * norm,
+        "routers": n_moe * topology.window * h,
+        "shared_experts": n_moe * moe.shared_experts * expert,
+        "pool": moe.num_experts * expert,
+        "universal_embedding": moe.num_experts * moe.router_state_dim,
+        "final_norm": norm,
+    }
+
+
+def report(cfg: RunConfig, world_size: int) -> dict:
+    """The dry-run JSON object: sizes, sharing figures, the resolved layout, memory per rank."""
+    layout = ParallelLayout(world_size=world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                            ep=cfg.parallel.ep, etp=cfg.parallel.etp)
+    m, moe = cfg.model, cfg.moe
+    layout.check_model(num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                       num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
+                       num_experts=moe.num_experts, expert_ffn_hidden_size=moe.expert_ffn_hidden_size,
+                       seq_length=m.seq_length)
+    parts = param_counts(cfg)
+    topology = cfg.topology()
+    total = sum(parts.values())
+    expert = 2 * m.hidden_size * moe.expert_ffn_hidden_size
+    active = total - parts["pool"] + len(m.moe_layers) * moe.topk * expert
+    return {
+        "params_total": total,
+        "params_active": active,
+        "params_by_part": parts,
+        "num_moe_layers": len(m.moe_layers),
+        "topology": moe.topology,
+        "window": topology.window,
+        "virtual_width": topology.virtual_width,
+        "reuse_factor": topology.reuse_factor,
+        "exposure": topology.exposure_E.tolist(),
+        "layout": layout.describe(),
+        "memory_gib_per_rank": _memory(parts, layout),
+    }
+
+
+def _memory(parts: dict[str, int], layout: ParallelLayout) -> dict[str, float]:
+    pool = parts["pool"] / (layout.ep * layout.etp)  # each stage holds its EP shard of the pool
+    dense = (sum(parts.values()) - parts["pool"]) / (layout.tp * layout.pp)
+    gib = 2.0**30
+    weights_and_grads = (dense + pool) * (4 + 4) / gib
+    adam = (dense / layout.dp + pool / layout.edp) * 8 / gib  # two fp32 moments, sharded
+    return {"weights_and_grads": round(weights_and_grads, 4), "adam_states": round(adam, 4),
+            "total_excluding_activations": round(weights_and_grads + adam, 4)}

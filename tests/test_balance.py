@@ -1,0 +1,89 @@
+"""Balance losses: UELB's defining properties, against Megatron-Core's Switch loss."""
+
+import pytest
+import torch
+from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
+
+from moue.balance import BALANCES, build_balance, switch_loss, uelb_loss
+from moue.config import MoEConfig
+from moue.topology import build_topology
+
+pytestmark = pytest.mark.compat
+
+
+def _topo(**moe):
+    return build_topology(MoEConfig(**moe), num_moe_layers=4)
+
+
+def _random_routing(mask_LE, seed=0):
+    """Per-layer assignment fractions f and mean probabilities P, zero outside each window."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.rand(mask_LE.shape, generator=g) * mask_LE
+    p = torch.rand(mask_LE.shape, generator=g) * mask_LE
+    return f / f.sum(1, keepdim=True), p / p.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("topology", [
+    dict(topology="rotational", num_experts=16, window=8, stride=4),
+    dict(topology="rotational", num_experts=10, window=4, stride=3),  # uneven exposure
+    dict(topology="standard", num_experts=16),
+    dict(topology="full", num_experts=8),
+])
+def test_uelb_is_one_under_uniform_routing(topology):
+    t = _topo(topk=2, **topology)
+    q_LE = t.mask_LE.float() / t.window
+    loads_E = q_LE.mean(0)  # F under uniform routing
+    assert uelb_loss(loads_E, q_LE, t.uniform_share_E).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_uelb_is_the_mean_switch_loss_under_the_standard_topology():
+    t = _topo(topology="standard", num_experts=16, topk=2)
+    f_LE, p_LE = _random_routing(t.mask_LE)
+    uelb = uelb_loss(f_LE.mean(0), p_LE, t.uniform_share_E)
+    per_layer = []
+    for l in range(4):
+        window = t.eligible(l)
+        tokens, topk = 1000, 2
+        # Megatron's own Switch loss for layer l over its N experts (coefficient 1).
+        megatron = switch_load_balancing_loss_func(
+            probs=p_LE[l, window].expand(tokens, -1), tokens_per_expert=f_LE[l, window] * tokens * topk,
+            total_num_tokens=tokens, topk=topk, num_experts=len(window), moe_aux_loss_coeff=1.0)
+        assert megatron.item() == pytest.approx(switch_loss(f_LE[l, window], p_LE[l, window], 4).item(),
+                                                rel=1e-5)
+        per_layer.append(megatron)
+    assert uelb.item() == pytest.approx(torch.stack(per_layer).mean().item(), rel=1e-5)
+
+
+def test_uelb_layer_terms_sum_to_the_pool_loss_and_only_probabilities_carry_gradient():
+    t = _topo(topology="rotational", num_experts=16, window=8, stride=4, topk=2)
+    balance = build_balance("uelb", t, coeff=1.0, rate=0.0)
+    f_LE, p_LE = _random_routing(t.mask_LE, seed=1)
+    balance.loads_E.copy_(f_LE.mean(0))  # F of the previous step
+    p_LE.requires_grad_()
+    tokens = 64
+    total = sum(balance.layer_loss(p_LE[l] * tokens, tokens, None) for l in range(4))
+    expected = uelb_loss(balance.loads_E, p_LE, t.uniform_share_E)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    total.backward()
+    # d/dP_le = F_e / (Q_e * L): a layer is pushed off what the pool as a whole overloads.
+    weight_E = balance.loads_E / (t.uniform_share_E * 4)
+    assert torch.allclose(p_LE.grad, weight_E.expand(4, -1))
+
+
+def test_end_step_takes_the_summed_counts_as_loads_and_aux_free_nudges_toward_exposure():
+    t = _topo(topology="rotational", num_experts=8, window=4, stride=2, topk=2)
+    counts = torch.tensor([8.0, 0, 0, 0, 0, 0, 0, 8])
+    uelb = build_balance("uelb", t, coeff=1.0, rate=0.0)
+    assert torch.equal(uelb.loads_E, t.uniform_share_E)  # F = Q at step 0
+    uelb.count(torch.ones(3, 8, dtype=torch.bool))
+    assert uelb.counts_E.tolist() == [3.0] * 8
+    uelb.end_step(counts)
+    assert uelb.loads_E.tolist() == [0.5, 0, 0, 0, 0, 0, 0, 0.5] and uelb.counts_E.sum() == 0
+    aux = build_balance("aux_free", t, coeff=0.0, rate=0.1)
+    aux.end_step(counts)
+    assert aux.bias_E[0] == pytest.approx(-0.1) and aux.bias_E[1] == pytest.approx(0.1)
+    assert aux.selection_bias() is aux.bias_E and uelb.selection_bias() is None
+
+
+def test_registry():
+    assert sorted(BALANCES) == ["aux_free", "none", "per_layer", "uelb"]

@@ -1,0 +1,62 @@
+"""Config loading: YAML sections, dotted overrides, and every rejection naming field and fix."""
+
+import pytest
+
+from moue.config import RunConfig, load_config
+
+pytestmark = pytest.mark.compat
+
+TINY = "examples/configs/tiny_cpu.yaml"
+
+
+def test_the_shipped_tiny_config_loads_and_overrides_apply():
+    cfg = load_config(TINY, ["moe.window=4", "parallel.ep=1", "train.steps=7", "data.mock=true"])
+    assert (cfg.moe.window, cfg.parallel.ep, cfg.train.steps) == (4, 1, 7)
+    assert cfg.model.num_layers % 2 == 0 and cfg.moe.num_experts % 2 == 0  # pp=2, ep=2, tp=2 fit
+    assert isinstance(cfg, RunConfig)
+
+
+def test_override_values_are_parsed_as_yaml():
+    cfg = load_config(None, ["moe.z_loss_coeff=1e-3", "parallel.etp=null", "data.mock=true"])
+    assert cfg.moe.z_loss_coeff == 1e-3 and cfg.parallel.etp is None
+
+
+@pytest.mark.parametrize("override,message", [
+    ("moe.windw=8", "unknown key moe.windw; did you mean moe.window?"),
+    ("mo.window=8", "unknown config section 'mo'"),
+    ("moe.window", "use section.key=value"),
+    ("moe.window=40", "moe.window=40: the window cannot be larger than the pool"),
+    ("moe.stride=0", "moe.stride=0: must be a positive integer"),
+    ("moe.topk=9", "moe.topk=9: top-k cannot exceed the window (moe.window=8)"),
+    ("moe.topology=ring", "moe.topology='ring': must be one of full, rotational, standard"),
+    ("moe.balance=switch", "moe.balance='switch': must be one of aux_free, none, per_layer, uelb"),
+    ("moe.num_experts=12", None),  # rotational 8-wide windows fit a pool of 12: valid
+    ("model.hidden_size=65", "model.hidden_size=65: must be a multiple of"),
+    ("train.global_batch_size=10", "train.global_batch_size=10: must be a multiple of"),
+])
+def test_bad_values_name_the_field_and_the_fix(override, message):
+    if message is None:
+        load_config(TINY, [override])
+        return
+    with pytest.raises(ValueError) as err:
+        load_config(TINY, [override])
+    assert message in str(err.value)
+
+
+def test_unknown_section_in_a_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("modle:\n  num_layers: 2\n")
+    with pytest.raises(ValueError, match="unknown section 'modle'; did you mean model"):
+        load_config(path)
+
+
+def test_data_needs_a_path_or_mock():
+    with pytest.raises(ValueError, match="data.path=None: set data.path"):
+        load_config(None, ["data.mock=false"])
+
+
+def test_numbers_in_exponent_notation_are_numbers():
+    cfg = load_config(None, ["train.lr=3e-4", "moe.balance_coeff=1e-2", "data.mock=true"])
+    assert cfg.train.lr == 3e-4 and cfg.moe.balance_coeff == 1e-2
+    with pytest.raises(ValueError, match="train.lr='fast': must be a number"):
+        load_config(None, ["train.lr=fast"])

@@ -1,0 +1,56 @@
+"""moe-pretrain --dry-run: the figures a researcher checks before launching."""
+
+import json
+
+import pytest
+
+from moue.cli import pretrain
+
+pytestmark = pytest.mark.compat
+
+ISSUE_EXAMPLE = ["model.num_layers=4", "model.moe_layer_freq=1", "moe.num_experts=16",
+                 "moe.topology=rotational", "moe.window=8", "moe.stride=4", "moe.topk=2"]
+
+
+def _dry_run(capsys, *argv):
+    assert pretrain([*argv, "--dry-run"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_rotational_reports_virtual_width_reuse_and_exposure(capsys):
+    out = _dry_run(capsys, *ISSUE_EXAMPLE)
+    assert out["virtual_width"] == 32 and out["reuse_factor"] == 2.0
+    assert out["exposure"] == [2] * 16
+    assert out["params_active"] < out["params_total"]
+    assert out["layout"] == {"world_size": 1, "tp": 1, "pp": 1, "ep": 1, "etp": 1, "dp": 1,
+                             "edp": 1, "sequence_parallel": False}
+
+
+def test_standard_reports_width_of_the_pool(capsys):
+    out = _dry_run(capsys, *ISSUE_EXAMPLE, "moe.topology=standard")
+    assert out["virtual_width"] == 16 and out["reuse_factor"] == 1.0 and out["exposure"] == [1] * 16
+
+
+def test_active_parameters_count_topk_experts_per_layer(capsys):
+    out = _dry_run(capsys, *ISSUE_EXAMPLE)
+    parts = out["params_by_part"]
+    expert = parts["pool"] // 16
+    assert out["params_active"] == out["params_total"] - parts["pool"] + 4 * 2 * expert
+
+
+def test_world_size_validates_the_planned_layout(capsys):
+    out = _dry_run(capsys, "--config", "examples/configs/tiny_cpu.yaml", "parallel.pp=2",
+                   "--world-size", "8")
+    assert out["layout"]["dp"] == 4 and out["layout"]["edp"] == 2
+    assert pretrain(["--config", "examples/configs/tiny_cpu.yaml", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "does not divide the world size 1" in err and "--world-size" in err
+    assert pretrain(["--config", "examples/configs/tiny_cpu.yaml", "parallel.ep=3", "--dry-run",
+                     "--world-size", "6"]) == 2
+    assert "parallel.ep=3 does not divide moe.num_experts=16" in capsys.readouterr().err
+
+
+def test_help_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as code:
+        pretrain(["--help"])
+    assert code.value.code == 0 and "--dry-run" in capsys.readouterr().out
