@@ -35,6 +35,11 @@ class SequenceParallelTorchNorm:
         return norm
 
 
+def submodules_of(spec):
+    """The submodules of a spec: a ModuleSpec (megatron-core 0.16) or a partial (0.19)."""
+    return spec.submodules if isinstance(spec, ModuleSpec) else spec.keywords["submodules"]
+
+
 def _replace_norms(spec: ModuleSpec) -> ModuleSpec:
     """Swap WrappedTorchNorm for SequenceParallelTorchNorm in a layer spec's submodules."""
     for name in ("input_layernorm", "pre_mlp_layernorm", "pre_cross_attn_layernorm"):
@@ -79,7 +84,7 @@ def moue_block_spec(config: TransformerConfig, *, moe_layer_freq: int, state_dim
         spec.module = MoUETransformerLayer
         spec.params = {**(spec.params or {}), "state_dim": state_dim}
         if is_moe:
-            moe = spec.submodules.mlp.submodules
+            moe = submodules_of(spec.submodules.mlp)
             moe.router = router
             moe.experts = experts_factory(moe.experts)
         return spec

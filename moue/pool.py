@@ -74,12 +74,14 @@ def shared_pool_factory(experts_spec):
     A class (Megatron's ``build_module`` returns plain functions uncalled), one per model build.
     """
 
+    from moue.layer_specs import submodules_of
+
     class SharedPool:
         pool: ExpertPool | None = None
 
         def __new__(cls, num_local_experts, config, pg_collection=None, **_):
             if cls.pool is None:
-                cls.pool = ExpertPool(num_local_experts, config, experts_spec.submodules,
+                cls.pool = ExpertPool(num_local_experts, config, submodules_of(experts_spec),
                                       pg_collection)
             return cls.pool
 

@@ -67,8 +67,8 @@ def _biased_topk(logits_TE, bias_E, topk, score_function):
 class UniversalRouter(TopKRouter):
     """Routes a layer's tokens within its window of the universal pool (see module docstring)."""
 
-    def __init__(self, config, pg_collection=None, *, shared: SharedRouting):
-        super().__init__(config=config, pg_collection=pg_collection)
+    def __init__(self, config, pg_collection=None, *, shared: SharedRouting, **kwargs):
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         self.shared = shared  # plain attribute: its modules are registered once, on the decoder
         topology = shared.topology
         self.state_dim = 0 if shared.embedding is None else shared.embedding.weight.shape[1]

@@ -139,18 +139,22 @@ CASES.add("standard_vs_megatron[ep2]", partial(_standard_vs_megatron, "ep2", 2),
 # --- The shared pool and the trajectory state -------------------------------------------------
 
 
-class _PrivateCopy:
+class _PrivateCopy(torch.nn.Module):
     """Stands in for the pool in one layer, with that layer's own copy of its parameters."""
 
     def __init__(self, pool):
-        self.pool = pool
+        super().__init__()
+        object.__setattr__(self, "pool", pool)  # not registered: the copy holds no parameters
         self.params = {n: p.detach().clone().requires_grad_() for n, p in pool.named_parameters()}
 
-    def __call__(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         return torch.func.functional_call(self.pool, self.params, args, kwargs)
 
     def __getattr__(self, name):
-        return getattr(self.pool, name)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.pool, name)
 
 
 def _one_process_model(*overrides: str, seed: int = 5):
