@@ -93,3 +93,9 @@ def test_aux_free_shared_expert_sigmoid_variant_matches_and_moves_the_bias():
 def test_dry_run_parameter_count_is_the_built_models(name):
     run = launch(CASES, 1)[f"param_count[{name}]"][0]
     assert run["dry_run"] == run["built"]
+
+
+def test_per_step_topk_expert_mask_and_layer_skip():
+    run = launch(CASES, 1)["elastic_hooks"][0]
+    assert run["counts"][0] == run["counts"][5] == 0  # masked experts are never chosen
+    assert run["total"] == 3 * 2 * 16 * 1  # 3 routed layers x 32 tokens x top-1

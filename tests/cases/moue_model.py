@@ -268,3 +268,24 @@ def _built_param_count(name: str) -> dict:
 
 for _name in DRY_RUN_CONFIGS:
     CASES.add(f"param_count[{_name}]", partial(_built_param_count, _name), nproc=1)
+
+
+# --- Per-step hooks for elastic training ------------------------------------------------------
+
+
+def _elastic_hooks() -> dict:
+    """Experts 0 and 5 masked out, top-1, layer 2 skipped: what the pool's counts show."""
+    built = _one_process_model()
+    model, balance = built.model, built.model.decoder.pool_balance
+    keep_E = torch.ones(8, dtype=torch.bool)
+    keep_E[[0, 5]] = False
+    for layer in model.decoder.layers:
+        layer.mlp.router.expert_mask_E, layer.mlp.router.topk = keep_E, 1
+    model.decoder.layers[2].skip = True
+    balance.counts_E.zero_()
+    _one_step(model, built.data)
+    counts = balance.counts_E.clone()
+    return {"counts": counts.tolist(), "total": counts.sum().item()}
+
+
+CASES.add("elastic_hooks", _elastic_hooks, nproc=1)
