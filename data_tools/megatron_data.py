@@ -1,25 +1,36 @@
 """Datasets for training, built by Megatron-Core's ``BlendedMegatronDatasetBuilder``.
 
-``mock=True`` gives Megatron's ``MockGPTDataset``: synthetic token sequences, no files, for tests,
-dry runs and smoke runs. (Indexed datasets and blends from files come with the preprocessing
-tools.)
+- ``mock=True``: Megatron's ``MockGPTDataset`` - synthetic token sequences, no files (tests, dry
+  runs, smoke runs).
+- otherwise a blend: weighted preprocessed datasets (``moue-preprocess`` prefixes) split into
+  train/valid/test by Megatron's ``GPTDataset``. Each dataset's recorded tokenizer
+  (``PREFIX.meta.json``) must match the run's: a mismatch is an error, not silent garbage.
 """
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
+from pathlib import Path
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from data_tools.tokenizer import Tokenizer
 
-class VocabularyOnly(MegatronTokenizerBase):
-    """What mock data needs of a tokenizer: a vocabulary size and an end-of-document id."""
 
-    def __init__(self, vocab_size: int, eod: int = 0):
+class MegatronTokenizer(MegatronTokenizerBase):
+    """What Megatron's datasets need of a tokenizer: vocabulary size, end-of-document id, and -
+    when one is given - the text tokenizer behind them."""
+
+    def __init__(self, vocab_size: int, eod: int = 0, text: Tokenizer | None = None):
         super().__init__(path="", config={})
-        self._vocab_size, self._eod = vocab_size, eod
+        self._vocab_size, self._eod, self._text = vocab_size, eod, text
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> MegatronTokenizer:
+        return cls(tokenizer.vocab_size, tokenizer.eod, tokenizer)
 
     @property
     def vocab_size(self) -> int:
@@ -36,24 +47,88 @@ class VocabularyOnly(MegatronTokenizerBase):
     @property
     def unique_identifiers(self) -> OrderedDict:
         """Identifies the tokenizer in the datasets' cache hash."""
-        return OrderedDict(cls=type(self).__qualname__, vocab_size=self._vocab_size, eod=self._eod)
+        ids = {"cls": type(self).__qualname__, "vocab_size": self._vocab_size, "eod": self._eod}
+        if self._text is not None:
+            ids.update({k: str(v) for k, v in self._text.describe().items()})
+        return OrderedDict(ids)
 
     def tokenize(self, text):
-        raise NotImplementedError("mock data has no text: use a real tokenizer to encode text")
+        if self._text is None:
+            raise NotImplementedError("mock data has no text: use a real tokenizer to encode text")
+        return self._text.encode(text).tolist()
 
     def detokenize(self, ids):
-        raise NotImplementedError("mock data has no text: use a real tokenizer to decode ids")
+        if self._text is None:
+            raise NotImplementedError("mock data has no text: use a real tokenizer to decode ids")
+        return self._text.decode(ids)
 
     def apply_chat_template(self, *args, **kwargs):
-        raise NotImplementedError("no chat template for mock data")
+        raise NotImplementedError("no chat templates in pretraining data")
+
+
+def check_dataset_tokenizer(prefix: str, tokenizer: Tokenizer) -> None:
+    """Raise if ``prefix`` was preprocessed with another tokenizer than ``tokenizer``."""
+    meta_path = Path(f"{prefix}.meta.json")
+    if not Path(f"{prefix}.idx").exists():
+        raise FileNotFoundError(f"data: no dataset at {prefix} ({prefix}.idx missing); run "
+                                "moue-preprocess, or set data.mock=true")
+    if not meta_path.exists():
+        return  # made by another tool: nothing recorded to check against
+    recorded = json.loads(meta_path.read_text())["tokenizer"]
+    mine = tokenizer.describe()
+    if (recorded["kind"], recorded["vocab_size"], recorded["eod"]) != (
+            mine["kind"], mine["vocab_size"], mine["eod"]):
+        raise ValueError(
+            f"data: {prefix} was tokenized with {recorded['kind']} (vocab {recorded['vocab_size']}"
+            f", eod {recorded['eod']}) but data.tokenizer is {mine['kind']} (vocab "
+            f"{mine['vocab_size']}, eod {mine['eod']}); set data.tokenizer to the one used by "
+            "moue-preprocess, or preprocess again")
+
+
+def gpt_datasets(*, seq_length: int, seed: int, num_samples: tuple[int, int, int],
+                 split: str = "98,2,0", tokenizer: Tokenizer | None = None,
+                 blend: list | None = None, vocab_size: int | None = None,
+                 cache_dir: str | None = None):
+    """(train, valid, test) GPT datasets: mock when ``blend`` is None, else the weighted blend
+    ``[weight, prefix, weight, prefix, ...]`` (or ``[prefix]``).
+
+    ``cache_dir`` keeps Megatron's sample indices between runs; with it, Megatron builds them on
+    global rank 0, so torch.distributed must be initialised (as it is in training).
+    """
+    if blend is None:
+        cls, blend_arg = MockGPTDataset, None
+        megatron_tok = MegatronTokenizer(vocab_size or tokenizer.vocab_size)
+    else:
+        if tokenizer is None:
+            raise ValueError("data.tokenizer is needed to read preprocessed data")
+        prefixes, weights = _parse_blend(blend)
+        for prefix in prefixes:
+            check_dataset_tokenizer(prefix, tokenizer)
+        megatron_tok, cls, blend_arg = MegatronTokenizer.of(tokenizer), GPTDataset, (prefixes, weights)
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=blend_arg, split=split,
+        tokenizer=megatron_tok, reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=False, create_attention_mask=False, path_to_cache=cache_dir)
+    return BlendedMegatronDatasetBuilder(cls, list(num_samples), lambda: True, config).build()
 
 
 def mock_gpt_datasets(*, vocab_size: int, seq_length: int, seed: int,
                       num_samples: tuple[int, int, int], split: str = "98,2,0"):
     """(train, valid, test) mock datasets holding at least ``num_samples`` sequences each."""
-    config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, split=split,
-        tokenizer=VocabularyOnly(vocab_size), reset_position_ids=False, reset_attention_mask=False,
-        eod_mask_loss=False, create_attention_mask=False)
-    return BlendedMegatronDatasetBuilder(
-        MockGPTDataset, list(num_samples), lambda: True, config).build()
+    return gpt_datasets(seq_length=seq_length, seed=seed, num_samples=num_samples, split=split,
+                        vocab_size=vocab_size)
+
+
+def _parse_blend(blend: list) -> tuple[list[str], list[float] | None]:
+    if len(blend) == 1:
+        return [str(blend[0])], None
+    if len(blend) % 2:
+        raise ValueError(f"data.blend={blend!r}: give [weight, prefix, weight, prefix, ...] or "
+                         "[prefix]")
+    weights, prefixes = blend[0::2], blend[1::2]
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"data.blend={blend!r}: weights come first in each pair, e.g. "
+                         "[0.7, data/a, 0.3, data/b]") from None
+    return [str(p) for p in prefixes], weights

@@ -6,8 +6,12 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from moue.config import load_config
+
+# Megatron-Core announces its fallbacks when Transformer Engine / apex are absent (CPU machines).
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
 
 PRETRAIN_EPILOG = """\
 examples:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from data_tools.megatron_data import VocabularyOnly, mock_gpt_datasets
+from data_tools.megatron_data import MegatronTokenizer, mock_gpt_datasets
 
 pytestmark = pytest.mark.compat
 
@@ -27,7 +27,7 @@ def test_mock_datasets_are_deterministic_in_the_seed():
 
 
 def test_vocabulary_only_tokenizer_refuses_text():
-    tok = VocabularyOnly(256)
+    tok = MegatronTokenizer(256)
     assert (tok.vocab_size, tok.eod) == (256, 0)
     with pytest.raises(NotImplementedError, match="mock data has no text"):
         tok.tokenize("hello")

@@ -1,0 +1,35 @@
+"""What a preprocessed dataset holds: documents, tokens, length histogram, tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from data_tools.preprocess import output_paths
+
+
+def dataset_info(prefix: str) -> dict:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    paths = output_paths(prefix)
+    if not paths["idx"].exists() or not paths["bin"].exists():
+        raise FileNotFoundError(f"{prefix}: no dataset ({paths['bin'].name} and "
+                                f"{paths['idx'].name} are both needed); run moue-preprocess")
+    ds = IndexedDataset(prefix)
+    lengths = np.asarray(ds.sequence_lengths)
+    edges = [0] + [2**k for k in range(4, 21, 2)] + [np.inf]
+    counts, _ = np.histogram(lengths, bins=edges)
+    meta = json.loads(paths["meta"].read_text()) if paths["meta"].exists() else {}
+    return {
+        "prefix": prefix,
+        "documents": len(ds.document_indices) - 1,
+        "tokens": int(lengths.sum()),
+        "tokens_per_document": {"mean": float(lengths.mean()) if len(lengths) else 0.0,
+                                "max": int(lengths.max()) if len(lengths) else 0},
+        "length_histogram": {f"<{int(hi) if hi != np.inf else 'inf'}": int(c)
+                             for hi, c in zip(edges[1:], counts, strict=True)},
+        "dtype": str(ds.index.dtype.__name__),
+        "tokenizer": meta.get("tokenizer"),
+        "append_eod": meta.get("append_eod"),
+    }
