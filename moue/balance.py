@@ -50,7 +50,8 @@ class Balance(torch.nn.Module):
     """The pool's balance state, one per model, shared by every router on the stage.
 
     Buffers: ``loads_E`` (F of the previous step, starts at Q), ``bias_E`` (aux_free selection
-    bias), ``counts_E`` (assignments counted during the current step; not checkpointed).
+    bias), ``counts_LE`` (assignments per MoE layer and expert during the current step; not
+    checkpointed; its column sums are the pool's counts).
     """
 
     name = "none"
@@ -62,11 +63,16 @@ class Balance(torch.nn.Module):
         self.register_buffer("share_E", topology.uniform_share_E.clone(), persistent=False)
         self.register_buffer("loads_E", topology.uniform_share_E.clone())
         self.register_buffer("bias_E", torch.zeros(topology.num_experts))
-        self.register_buffer("counts_E", torch.zeros(topology.num_experts), persistent=False)
+        self.register_buffer("counts_LE", torch.zeros(topology.num_layers, topology.num_experts),
+                             persistent=False)
 
-    def count(self, routing_map_TE: torch.Tensor) -> None:
-        """Add one layer's assignments (pool ids) to the step's counts."""
-        self.counts_E += routing_map_TE.sum(dim=0).to(self.counts_E.dtype)
+    @property
+    def counts_E(self) -> torch.Tensor:
+        return self.counts_LE.sum(dim=0)
+
+    def count(self, layer: int, routing_map_TE: torch.Tensor) -> None:
+        """Add MoE layer ``layer``'s assignments (pool ids) to the step's counts."""
+        self.counts_LE[layer] += routing_map_TE.sum(dim=0).to(self.counts_LE.dtype)
 
     def layer_loss(self, probs_sum_E: torch.Tensor, tokens: torch.Tensor | int,
                    tokens_per_expert_E: torch.Tensor | None) -> torch.Tensor | None:
@@ -89,10 +95,7 @@ class Balance(torch.nn.Module):
         total = global_counts_E.sum()
         if total > 0:
             self.loads_E.copy_(global_counts_E / total)
-        self.counts_E.zero_()
-
-    def needs_counts(self) -> bool:
-        return True
+        self.counts_LE.zero_()
 
 
 register_balance("none")(Balance)

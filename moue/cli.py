@@ -18,6 +18,7 @@ examples:
   moue-pretrain --config examples/configs/tiny_cpu.yaml --dry-run
   moue-pretrain --config examples/configs/tiny_cpu.yaml moe.window=8 parallel.ep=2 \\
       --dry-run --world-size 2
+  torchrun --nproc_per_node=2 -m moue.cli --config examples/configs/tiny_cpu.yaml train.steps=50
 """
 
 
@@ -54,9 +55,14 @@ def pretrain(argv: list[str] | None = None) -> int:
                 if args.dry_run and args.world_size is None and "world size" in str(err) else "")
         print(f"moue-pretrain: error: {err}{hint}", file=sys.stderr)
         return 2
-    print("moue-pretrain: training is not built yet (the training-system issue adds it); "
-          "use --dry-run to check a config and its layout.", file=sys.stderr)
-    return 2
+    from moue.training import NonFiniteLoss, run
+
+    try:
+        run(cfg)
+    except (ValueError, NonFiniteLoss) as err:
+        print(f"moue-pretrain: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

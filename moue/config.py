@@ -131,6 +131,9 @@ class TrainConfig:
         _check(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
                self.global_batch_size,
                f"must be a multiple of train.micro_batch_size={self.micro_batch_size}")
+        _check(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.steps,
+               "train.warmup_steps", self.warmup_steps,
+               f"must be a whole number below train.steps={self.steps}")
         _one_of("train.schedule", self.schedule, ("cosine", "wsd"))
         _one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
 
@@ -149,8 +152,31 @@ class DataConfig:
                "for synthetic tokens")
 
 
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    dir: str | None = None  # None: no checkpoints
+    interval: int = 0  # steps between checkpoints; 0 turns periodic checkpoints off
+    keep_last: int = 2
+
+    def __post_init__(self):
+        _check(isinstance(self.interval, int) and self.interval >= 0, "checkpoint.interval",
+               self.interval, "must be an integer >= 0 (0 turns periodic checkpoints off)")
+        _positive("checkpoint", self, "keep_last")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    dir: str = "runs/latest"  # TensorBoard events and plots
+    interval: int = 1  # steps between logged lines
+    metrics_file: str | None = None  # one JSON line per logged step; None: <dir>/metrics.jsonl
+
+    def __post_init__(self):
+        _positive("logging", self, "interval")
+
+
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig,
-            "train": TrainConfig, "data": DataConfig}
+            "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
+            "logging": LoggingConfig}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,6 +186,8 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(mock=True))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
         moe = self.moe

@@ -129,7 +129,7 @@ class UniversalRouter(TopKRouter):
             # Counted once per forward: under full recompute the first pass runs without grad.
             probs_TE = self._attach_balance_loss(logits_TE, probs_TE, map_TE)
             with torch.no_grad():
-                balance.count(map_TE)
+                balance.count(self.moe_index, map_TE)
         if self.state_dim:
             moved_sbD = (probs_TE.float() @ self.shared.embedding.weight.float()).view(s, b, -1)
             self.state_out = torch.nn.functional.rms_norm(

@@ -41,11 +41,12 @@ def broadcast_replicas(params: Iterable[torch.nn.Parameter], pp_group) -> None:
 
 @torch.no_grad()
 def finish_step_loads(balances: Iterable, group=None) -> torch.Tensor | None:
-    """Sum each balance module's step counts over ``group`` (default: all ranks) and hand them
-    back as the next step's loads. Returns the summed counts (of the last module)."""
+    """Sum each balance module's per-layer step counts over ``group`` (default: all ranks) and
+    hand the pool's column sums back as the next step's loads. Returns the summed [L, E] counts
+    (every layer's, from every stage) of the last module, for logging."""
     summed = None
     for balance in balances:
-        summed = balance.counts_E.clone()
+        summed = balance.counts_LE.clone()
         torch.distributed.all_reduce(summed, group=group)
-        balance.end_step(summed)
+        balance.end_step(summed.sum(dim=0))
     return summed

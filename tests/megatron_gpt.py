@@ -21,15 +21,12 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.moe.moe_utils import (
-    clear_aux_losses_tracker,
-    get_moe_layer_wise_logging_tracker,
-    reduce_aux_losses_tracker_across_ranks,
-)
+from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moue.layer_specs import local_gpt_block_spec
 from parallel.launch import init_model_parallel, seed_everything
+from parallel.reduce import step_mean, tracked_moe_loss
 from parallel.layout import ParallelLayout
 
 
@@ -134,18 +131,6 @@ def _forward_step(data_iterator, model):
     return per_token, loss_func
 
 
-def _reduce_loss(losses: list[dict]) -> float:
-    """Mean micro-batch loss of the step, averaged over data-parallel ranks, known on every rank."""
-    value = torch.zeros(1, device=_device())
-    if parallel_state.is_pipeline_last_stage():
-        value[0] = torch.stack([x["lm loss"] for x in losses]).mean()
-        torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
-        value /= parallel_state.get_data_parallel_world_size()
-    torch.distributed.broadcast(value, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                group=parallel_state.get_pipeline_model_parallel_group())
-    return value.item()
-
-
 @dataclass
 class Built:
     """What a builder returns: the (unwrapped) model and its Megatron config, plus MoUE hooks."""
@@ -194,19 +179,6 @@ def build(build_fn, layout: ParallelLayout, *, lr: float = 1e-2,
     return model, optimizer, built
 
 
-def _balance_loss(num_micro: int) -> float:
-    """The step's balance loss: summed over layers (Megatron's aux-loss tracker, reduced over
-    stages and sequence shards), averaged over micro-batches and data-parallel ranks."""
-    tracker = get_moe_layer_wise_logging_tracker()
-    if "balance_loss" not in tracker:
-        return 0.0
-    reduce_aux_losses_tracker_across_ranks()
-    value = tracker["balance_loss"]["values"].sum().reshape(1) / num_micro
-    torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
-    clear_aux_losses_tracker()
-    return value.item() / parallel_state.get_data_parallel_world_size()
-
-
 def train(build_fn, layout: ParallelLayout, steps: int = 3, **build_kwargs) -> dict:
     """Train ``steps`` steps; returns the loss history and the grad norm of every step."""
     model, optimizer, built = build(build_fn, layout, **build_kwargs)
@@ -230,9 +202,9 @@ def train(build_fn, layout: ParallelLayout, steps: int = 3, **build_kwargs) -> d
             raise RuntimeError(f"optimizer step {step} was skipped")
         if built.after_step is not None:
             built.after_step()
-        losses.append(_reduce_loss(step_losses))
+        losses.append(step_mean(step_losses, "lm loss", _device()))
         grad_norms.append(float(grad_norm))
-        balance.append(_balance_loss(num_micro))
+        balance.append(tracked_moe_loss("balance_loss", num_micro))
     return {"losses": losses, "grad_norms": grad_norms, "balance_loss": balance,
             "model": model}
 

@@ -75,8 +75,8 @@ def test_end_step_takes_the_summed_counts_as_loads_and_aux_free_nudges_toward_ex
     counts = torch.tensor([8.0, 0, 0, 0, 0, 0, 0, 8])
     uelb = build_balance("uelb", t, coeff=1.0, rate=0.0)
     assert torch.equal(uelb.loads_E, t.uniform_share_E)  # F = Q at step 0
-    uelb.count(torch.ones(3, 8, dtype=torch.bool))
-    assert uelb.counts_E.tolist() == [3.0] * 8
+    uelb.count(1, torch.ones(3, 8, dtype=torch.bool))
+    assert uelb.counts_E.tolist() == [3.0] * 8 and uelb.counts_LE[1].tolist() == [3.0] * 8
     uelb.end_step(counts)
     assert uelb.loads_E.tolist() == [0.5, 0, 0, 0, 0, 0, 0, 0.5] and uelb.counts_E.sum() == 0
     aux = build_balance("aux_free", t, coeff=0.0, rate=0.1)

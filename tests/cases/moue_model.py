@@ -282,7 +282,7 @@ def _elastic_hooks() -> dict:
     for layer in model.decoder.layers:
         layer.mlp.router.expert_mask_E, layer.mlp.router.topk = keep_E, 1
     model.decoder.layers[2].skip = True
-    balance.counts_E.zero_()
+    balance.counts_LE.zero_()
     _one_step(model, built.data)
     counts = balance.counts_E.clone()
     return {"counts": counts.tolist(), "total": counts.sum().item()}
