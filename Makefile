@@ -37,7 +37,7 @@ $(COMPAT_VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: install
-	$(PY) -m ruff check moue parallel data_tools tests
+	$(PY) -m ruff check moue parallel data_tools tests benchmarks
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache .ruff_cache

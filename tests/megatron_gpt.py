@@ -26,8 +26,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moue.layer_specs import local_gpt_block_spec
 from parallel.launch import init_model_parallel, seed_everything
-from parallel.reduce import step_mean, tracked_moe_loss
 from parallel.layout import ParallelLayout
+from parallel.reduce import step_mean, tracked_moe_loss
 
 
 @dataclass(frozen=True)
