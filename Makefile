@@ -9,7 +9,11 @@ TORCH ?= torch==2.13.0
 COMPAT_VENV ?= .venv-mc019
 COMPAT_MCORE ?= megatron-core>=0.19,<0.20
 
-.PHONY: install test test-compat lint clean
+.PHONY: install test test-compat lint demo clean
+
+DEMO ?= runs/demo
+DEMO_ARGS ?=
+CPU_RUN := CUDA_VISIBLE_DEVICES= TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS=1
 
 install: $(VENV)/.installed
 
@@ -35,6 +39,16 @@ $(COMPAT_VENV)/.installed: pyproject.toml
 	$(COMPAT_VENV)/bin/python -m pip install --no-deps --ignore-requires-python "$(COMPAT_MCORE)"
 	$(COMPAT_VENV)/bin/python -m pip install --no-deps -e .
 	touch $@
+
+# Train a small rotational MoUE (EP=2) on 2 CPU processes, on this Python's standard library.
+demo: install
+	test -f $(DEMO)/corpus/train.jsonl || $(VENV)/bin/moue-build-corpus --output $(DEMO)/corpus
+	$(VENV)/bin/moue-preprocess --input $(DEMO)/corpus/train.jsonl --output-prefix $(DEMO)/data/stdlib \
+		--tokenizer byte --append-eod --overwrite --quiet
+	$(CPU_RUN) $(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m moue.cli \
+		--config examples/configs/tiny_cpu.yaml data.mock=false data.path=$(DEMO)/data/stdlib \
+		data.tokenizer=byte logging.dir=$(DEMO) $(DEMO_ARGS)
+	@$(PY) -m moue.metrics $(DEMO)
 
 lint: install
 	$(PY) -m ruff check moue parallel data_tools tests benchmarks

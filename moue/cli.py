@@ -12,6 +12,9 @@ from moue.config import load_config
 
 # Megatron-Core announces its fallbacks when Transformer Engine / apex are absent (CPU machines).
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+# Deprecation notices from inside torch / Megatron-Core that a user cannot act on.
+warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor|"
+                        "is deprecated|non-leaf Tensor|sequence_parallel. is set to .True.).*")
 
 PRETRAIN_EPILOG = """\
 examples:

@@ -48,7 +48,7 @@ def _heatmap(loads_LE: torch.Tensor, title: str):
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: str, metrics_file: str | None, enabled: bool):
+    def __init__(self, log_dir: str, metrics_file: str | None, enabled: bool, fresh: bool = True):
         self.enabled = enabled
         self.dir = Path(log_dir)
         self.metrics_path = Path(metrics_file) if metrics_file else self.dir / "metrics.jsonl"
@@ -59,6 +59,8 @@ class MetricsLogger:
 
             self.dir.mkdir(parents=True, exist_ok=True)
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            if fresh:  # a new run starts a new file; a resumed one appends
+                self.metrics_path.write_text("")
             self.writer = SummaryWriter(str(self.dir / "tensorboard"))
 
     def log(self, step: int, metrics: dict, loads_LE: torch.Tensor | None = None) -> None:
@@ -94,6 +96,7 @@ class MetricsLogger:
 
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
         fig, ax = plt.subplots(figsize=(6, 4))
+        ax.set_title("MoUE training")
         ax.plot([r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r],
                 label="train loss")
         val = [r for r in rows if "val_loss" in r]
@@ -108,3 +111,25 @@ class MetricsLogger:
             _heatmap(self.last_loads, "expert load, last step").savefig(self.dir / "expert_load.png",
                                                                          dpi=120)
         plt.close("all")
+
+
+def report(log_dir: str) -> str:
+    """A short account of a finished run: losses, and where its files are."""
+    path = Path(log_dir) / "metrics.jsonl"
+    every = [json.loads(line) for line in path.read_text().splitlines()]
+    rows, val = [r for r in every if "loss" in r], [r for r in every if "val_loss" in r]
+    lines = [f"trained {rows[-1]['step']} steps; train loss {rows[0]['loss']:.3f} -> "
+             f"{rows[-1]['loss']:.3f}"]
+    if val:
+        lines.append(f"validation loss {val[0]['val_loss']:.3f} (step {val[0]['step']}) -> "
+                     f"{val[-1]['val_loss']:.3f} (step {val[-1]['step']})")
+    lines += [f"metrics:     {path}", f"loss curve:  {Path(log_dir) / 'loss.png'}",
+              f"expert load: {Path(log_dir) / 'expert_load.png'}",
+              f"TensorBoard: tensorboard --logdir {Path(log_dir) / 'tensorboard'}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(report(sys.argv[1]))

@@ -161,6 +161,8 @@ class Trainer:
         """Train to ``train.steps``: evaluate, log, and save as configured."""
         t, every = self.cfg.train, self.cfg.logging.interval
         num_micro = t.global_batch_size // (t.micro_batch_size * self.layout.dp)
+        if t.eval_interval and self.state.step == 0:
+            logger.log(0, {"val_loss": self.evaluate()})  # the untrained model, for reference
         bar = tqdm(total=t.steps, initial=self.state.step, disable=not logger.enabled,
                    desc="train", unit="step")
         while self.state.step < t.steps:
@@ -214,7 +216,8 @@ def train(cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> Train
     """Build and train on an initialised world (``run`` starts one; tests reuse theirs)."""
     launch.seed_everything(cfg.train.seed)
     trainer = Trainer(cfg, layout, device)
-    logger = MetricsLogger(cfg.logging.dir, cfg.logging.metrics_file, enabled=is_logging_rank())
+    logger = MetricsLogger(cfg.logging.dir, cfg.logging.metrics_file, enabled=is_logging_rank(),
+                           fresh=trainer.state.step == 0)
     try:
         trainer.fit(logger)
     finally:

@@ -19,7 +19,9 @@ def reference():
 
 
 def test_metrics_file_has_the_promised_fields(reference):
-    assert [r["step"] for r in reference] == [1, 2, 3]
+    assert [r["step"] for r in reference] == [0, 1, 2, 3]
+    assert set(reference[0]) == {"step", "val_loss", "val_ppl"}  # the untrained model
+    reference = reference[1:]
     for key in ("loss", "lr", "grad_norm", "balance_loss", "tokens_per_s", "load_max_over_mean"):
         assert all(key in r for r in reference), key
     assert "val_loss" in reference[-1] and reference[-1]["val_ppl"] > 1
@@ -35,3 +37,49 @@ def test_same_loss_curve_as_one_process(layout, reference):
         got = [r[key] for r in rows if key in r]
         assert len(got) == len(ref) > 0
         assert max(abs(a - b) / abs(b) for a, b in zip(got, ref, strict=True)) < 1e-5, (key, got, ref)
+
+
+def test_moue_pretrain_command_trains_on_preprocessed_text(tmp_path):
+    """The real command under torchrun: built-in corpus -> byte dataset -> 2 processes, EP=2."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from data_tools.corpus import build_stdlib_corpus
+    from data_tools.preprocess import preprocess
+
+    corpus = build_stdlib_corpus(tmp_path / "corpus", limit_bytes=2_000_000)
+    preprocess([str(corpus.train)], str(tmp_path / "data"), "byte", append_eod=True, progress=False)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "moue.cli", "--config", "examples/configs/tiny_cpu.yaml", "data.mock=false",
+           f"data.path={tmp_path / 'data'}", "data.tokenizer=byte", "train.steps=4",
+           "train.warmup_steps=1", "train.eval_interval=4", "train.eval_iters=1",
+           "model.seq_length=64", f"logging.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and "val_loss" in rows[-1]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # it learns something in 4 steps
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    assert (tmp_path / "run" / "expert_load.png").stat().st_size > 0
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from data_tools.preprocess import preprocess
+
+    (tmp_path / "in.txt").write_text("hello world")
+    preprocess([str(tmp_path / "in.txt")], str(tmp_path / "data"), "byte", progress=False)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "moue.cli", "--config", "examples/configs/tiny_cpu.yaml",
+         "parallel.ep=1", "model.vocab_size=256", "data.mock=false",
+         f"data.path={tmp_path / 'data'}", "train.steps=2", "train.warmup_steps=1"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "model.vocab_size=256 is smaller than the tokenizer's vocabulary (257" in proc.stderr
