@@ -14,6 +14,7 @@ the same under every layout and a resumed run continues exactly.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from data_tools.megatron_data import gpt_datasets
 from data_tools.tokenizer import load_tokenizer
 from moue.config import RunConfig
+from moue.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moue.init import init_by_global_key
 from moue.megatron_config import transformer_config
 from moue.metrics import MetricsLogger
@@ -36,7 +38,13 @@ from moue.model import balance_modules, build_model, pipeline_shapes
 from parallel import launch
 from parallel.layout import ParallelLayout
 from parallel.pool_sync import finish_step_loads
-from parallel.reduce import data_parallel_slice, is_logging_rank, step_mean, tracked_moe_loss
+from parallel.reduce import (
+    any_rank,
+    data_parallel_slice,
+    is_logging_rank,
+    step_mean,
+    tracked_moe_loss,
+)
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -49,6 +57,21 @@ class TrainState:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class _StopOnSignal:
+    """Records SIGTERM/SIGINT instead of dying mid-step; the loop saves and stops."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def _forward_step(data_iterator, model):
@@ -158,8 +181,10 @@ class Trainer:
                 "loads_LE": loads_LE}
 
     def fit(self, logger: MetricsLogger) -> None:
-        """Train to ``train.steps``: evaluate, log, and save as configured."""
-        t, every = self.cfg.train, self.cfg.logging.interval
+        """Train to ``train.steps``: evaluate, log, and save as configured. SIGTERM/SIGINT save a
+        checkpoint (when checkpoint.dir is set) and return after the current step."""
+        t, every, ckpt = self.cfg.train, self.cfg.logging.interval, self.cfg.checkpoint
+        stop = _StopOnSignal()
         num_micro = t.global_batch_size // (t.micro_batch_size * self.layout.dp)
         if t.eval_interval and self.state.step == 0:
             logger.log(0, {"val_loss": self.evaluate()})  # the untrained model, for reference
@@ -178,7 +203,16 @@ class Trainer:
                 logger.log_heatmap(step)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+            stopping = any_rank(stop.requested)  # every rank must take the same decision
+            if ckpt.dir and (stopping or step == t.steps
+                             or (ckpt.interval and step % ckpt.interval == 0)):
+                save_checkpoint(self, ckpt.dir, ckpt.keep_last)
+            if stopping:
+                bar.write(f"stopped by signal after step {step}"
+                          + (f"; checkpoint in {ckpt.dir}" if ckpt.dir else ""))
+                break
         bar.close()
+        stop.restore()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -216,6 +250,9 @@ def train(cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> Train
     """Build and train on an initialised world (``run`` starts one; tests reuse theirs)."""
     launch.seed_everything(cfg.train.seed)
     trainer = Trainer(cfg, layout, device)
+    resume = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    if resume is not None:
+        load_checkpoint(trainer, resume)
     logger = MetricsLogger(cfg.logging.dir, cfg.logging.metrics_file, enabled=is_logging_rank(),
                            fresh=trainer.state.step == 0)
     try:

@@ -52,3 +52,12 @@ def tracked_moe_loss(name: str, num_microbatches: int) -> float:
     torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
     clear_aux_losses_tracker()
     return value.item() / parallel_state.get_data_parallel_world_size()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (e.g. a signal that reached only some processes)."""
+    value = torch.tensor([1.0 if flag else 0.0])
+    if torch.distributed.get_backend() == "nccl":
+        value = value.cuda()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())

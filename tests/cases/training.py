@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -40,3 +41,69 @@ def _train(name: str) -> list | None:
 CASES.add("train[single]", partial(_train, "single"), nproc=1)
 for _name in ("tp2", "ep2", "pp2"):
     CASES.add(f"train[{_name}]", partial(_train, _name), nproc=2)
+
+
+# --- Checkpoints: exact resume -----------------------------------------------------------------
+
+RESUME = ["train.steps=4", "train.warmup_steps=1", "train.eval_interval=0",
+          "train.global_batch_size=8", "train.micro_batch_size=2", "model.seq_length=64"]
+
+
+def _losses(path: Path) -> dict:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _resume_case(name: str, interrupt: str) -> dict:
+    """Uninterrupted 4 steps vs. interrupted after step 2 (how: ``interrupt``) and resumed."""
+    import moue.checkpoint as checkpoint
+    import moue.training as training
+
+    tp, pp, ep = LAYOUTS[name]
+    world = torch.distributed.get_world_size()
+    base = Path(tempfile.gettempdir()) / f"moue-resume-{os.environ['MASTER_PORT']}" / interrupt
+    layout = ParallelLayout(world_size=world, tp=tp, pp=pp, ep=ep)
+    par = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}"]
+
+    def run(tag, *extra):
+        cfg = load_config(CONFIG, [*RESUME, *par, f"logging.dir={base / tag}", *extra])
+        init_model_parallel(layout)
+        train(cfg, layout, torch.device("cpu"))
+        torch.distributed.barrier()
+
+    run("straight")
+    ckpt = [f"checkpoint.dir={base / 'ckpt'}", "checkpoint.interval=2"]
+    original_step, original_save = training.Trainer.train_step, checkpoint.dist_checkpointing.save
+
+    def step_then(trainer):
+        metrics = original_step(trainer)
+        if interrupt == "sigterm" and trainer.state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: save, then stop
+        if interrupt == "crash_after_checkpoint" and trainer.state.step == 3:
+            raise RuntimeError("simulated crash")
+        return metrics
+
+    def failing_save(state, path, *args, **kwargs):
+        if "step_0000004" in str(path):
+            raise RuntimeError("simulated crash during save")
+        return original_save(state, path, *args, **kwargs)
+
+    training.Trainer.train_step = step_then
+    checkpoint.dist_checkpointing.save = failing_save if interrupt == "crash_during_save" else original_save
+    try:
+        run("interrupted", *ckpt)
+    except RuntimeError:
+        torch.distributed.barrier()
+    finally:
+        training.Trainer.train_step = original_step
+        checkpoint.dist_checkpointing.save = original_save
+    latest = (base / "ckpt" / "latest").read_text().strip()
+    run("resumed", *ckpt)
+    return {"straight": _losses(base / "straight" / "metrics.jsonl"),
+            "resumed": _losses(base / "resumed" / "metrics.jsonl"),
+            "latest_after_interrupt": latest}
+
+
+for _how in ("sigterm", "crash_after_checkpoint", "crash_during_save"):
+    CASES.add(f"resume[single,{_how}]", partial(_resume_case, "single", _how), nproc=1)
+CASES.add("resume[ep2,sigterm]", partial(_resume_case, "ep2", "sigterm"), nproc=2)
