@@ -47,7 +47,8 @@ demo: install
 		--tokenizer byte --append-eod --overwrite --quiet
 	$(CPU_RUN) $(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m moue.cli \
 		--config examples/configs/tiny_cpu.yaml data.mock=false data.path=$(DEMO)/data/stdlib \
-		data.tokenizer=byte logging.dir=$(DEMO) $(DEMO_ARGS)
+		data.tokenizer=byte logging.dir=$(DEMO) checkpoint.dir=$(DEMO)/checkpoints \
+		checkpoint.interval=200 $(DEMO_ARGS)
 	@$(PY) -m moue.metrics $(DEMO)
 
 lint: install

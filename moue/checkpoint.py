@@ -63,7 +63,8 @@ def save_checkpoint(trainer, root: str | Path, keep_last: int) -> Path:
     torch.save({"cpu": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         torch.save({"scheduler": trainer.scheduler.state_dict(), "state": asdict(trainer.state),
-                    "config": trainer.cfg.to_dict()}, tmp / "trainer.pt")
+                    "config": trainer.cfg.to_dict(), "layout": trainer.layout.describe()},
+                   tmp / "trainer.pt")
     _barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -102,6 +103,13 @@ def load_checkpoint(trainer, path: Path) -> None:
     """Restore model, optimizer, scheduler, data position and RNG from ``path`` (any layout)."""
     meta = torch.load(path / "trainer.pt", weights_only=False)
     _check_config(meta["config"], trainer.cfg, path)
+    saved_ep, ep = meta.get("layout", {}).get("ep", trainer.layout.ep), trainer.layout.ep
+    if (saved_ep == 1) != (ep == 1):
+        raise ValueError(
+            f"checkpoint {path} was saved with parallel.ep={saved_ep} and this run has "
+            f"parallel.ep={ep}: Megatron-Core 0.16 keeps expert and dense optimizer state apart "
+            "only when ep>1, and cannot load it across that change. Resume with "
+            f"parallel.ep{'=1' if saved_ep == 1 else '>1'} (tp, pp and dp may change).")
     _init_optimizer_state(trainer.optimizer)
     model_state = _model_state(trainer)
     loaded = dist_checkpointing.load({

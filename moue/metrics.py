@@ -94,6 +94,8 @@ class MetricsLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        if not self.metrics_path.exists():
+            return  # the run stopped before its first logged step
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.set_title("MoUE training")
@@ -126,6 +128,10 @@ def report(log_dir: str) -> str:
     lines += [f"metrics:     {path}", f"loss curve:  {Path(log_dir) / 'loss.png'}",
               f"expert load: {Path(log_dir) / 'expert_load.png'}",
               f"TensorBoard: tensorboard --logdir {Path(log_dir) / 'tensorboard'}"]
+    checkpoints = Path(log_dir) / "checkpoints" / "latest"
+    if checkpoints.exists():
+        lines.append(f"checkpoint:  {checkpoints.parent / checkpoints.read_text().strip()} "
+                     "(run the same command again to resume from it)")
     return "\n".join(lines)
 
 

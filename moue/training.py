@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from data_tools.megatron_data import gpt_datasets
 from data_tools.tokenizer import load_tokenizer
-from moue.config import RunConfig
 from moue.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moue.config import RunConfig
 from moue.init import init_by_global_key
 from moue.megatron_config import transformer_config
 from moue.metrics import MetricsLogger

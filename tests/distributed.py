@@ -82,16 +82,17 @@ def _free_port() -> int:
 
 @functools.cache
 def launch(module: str, nproc: int, launcher: str = "torchrun", device: str = "cpu",
-           only: tuple[str, ...] = (), timeout: float = 900) -> Results:
+           only: tuple[str, ...] = (), env_vars: tuple[tuple[str, str], ...] = (),
+           timeout: float = 900) -> Results:
     """Run every case of ``module`` registered for ``nproc`` processes in one launch.
 
     ``launcher``: ``torchrun`` (the default) or ``mpirun`` (mpiexec of the installed MPI; ranks
     are read through mpi4py). ``device``: ``cpu`` (GPUs hidden, gloo, the CPU backend) or
-    ``cuda`` (nccl). ``only``: run just these cases.
+    ``cuda`` (nccl). ``only``: run just these cases. ``env_vars``: extra environment.
     """
     out = Path(tempfile.mkdtemp(prefix="moue-dist-"))
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", MOUE_TEST_DEVICE=device,
-               MOUE_TEST_CASES=",".join(only),
+               MOUE_TEST_CASES=",".join(only), **dict(env_vars),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
