@@ -10,8 +10,8 @@ TINY = "examples/configs/tiny_cpu.yaml"
 
 
 def test_the_shipped_tiny_config_loads_and_overrides_apply():
-    cfg = load_config(TINY, ["moe.window=4", "parallel.ep=1", "train.steps=7", "data.mock=true"])
-    assert (cfg.moe.window, cfg.parallel.ep, cfg.train.steps) == (4, 1, 7)
+    cfg = load_config(TINY, ["moe.window=4", "parallel.ep=1", "train.steps=70", "data.mock=true"])
+    assert (cfg.moe.window, cfg.parallel.ep, cfg.train.steps) == (4, 1, 70)
     assert cfg.model.num_layers % 2 == 0 and cfg.moe.num_experts % 2 == 0  # pp=2, ep=2, tp=2 fit
     assert isinstance(cfg, RunConfig)
 
