@@ -1,9 +1,11 @@
 """What a run would be, computed from its config alone: no weights, no processes.
 
 Parameter counts follow the modules ``moue.model`` builds (local spec: GELU MLPs without biases,
-RMSNorm/LayerNorm, untied embeddings, RoPE). ``params_active`` counts what one token uses:
-everything except the pool, plus ``topk`` experts in each MoE layer (U and the routers count in
-full). The memory estimate covers weights, gradients and Adam states per rank (fp32 master
+RMSNorm/LayerNorm, untied embeddings, RoPE). ``params_active`` counts the parameters applied to one
+token: everything except the pool, plus ``topk`` experts in each MoE layer (U and the routers
+count in full). In MoUE an expert reachable from several layers can be applied several times to
+the same token, so ``params_active`` can exceed ``params_total``: it measures compute per token,
+which is what a matched baseline must equal. The memory estimate covers weights, gradients and Adam states per rank (fp32 master
 weights and gradients, Adam moments sharded over data-parallel ranks by the distributed
 optimizer), not activations.
 """
