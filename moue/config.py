@@ -125,9 +125,11 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16
     eval_interval: int = 50
     eval_iters: int = 4
+    on_nan: str = "stop"  # stop | skip: what a NaN/Inf loss does (skip: no update, data moves on)
 
     def __post_init__(self):
         _positive("train", self, "micro_batch_size", "global_batch_size", "steps")
+        _one_of("train.on_nan", self.on_nan, ("stop", "skip"))
         _check(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
                self.global_batch_size,
                f"must be a multiple of train.micro_batch_size={self.micro_batch_size}")

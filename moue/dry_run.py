@@ -42,6 +42,26 @@ def param_counts(cfg: RunConfig) -> dict[str, int]:
     }
 
 
+def flops_per_token(cfg: RunConfig) -> float:
+    """Training FLOPs per token (forward + backward): 6 x the non-embedding parameters applied
+    to a token (only activated experts: ``topk`` per MoE layer), plus causal attention,
+    6 * L * s * h (QK^T and AV, 2 * 2 * s * h per layer forward, halved by the causal mask, x3)."""
+    parts = param_counts(cfg)
+    m, moe = cfg.model, cfg.moe
+    expert = 2 * m.hidden_size * moe.expert_ffn_hidden_size
+    applied = (sum(parts.values()) - parts["pool"] - parts["embedding"]
+               + len(m.moe_layers) * moe.topk * expert)
+    return 6.0 * applied + 6.0 * m.num_layers * m.seq_length * m.hidden_size
+
+
+# bf16 dense peak FLOP/s of one GPU, by a substring of torch.cuda.get_device_name().
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+
+
 def report(cfg: RunConfig, world_size: int) -> dict:
     """The dry-run JSON object: sizes, sharing figures, the resolved layout, memory per rank."""
     layout = ParallelLayout(world_size=world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
@@ -66,6 +86,7 @@ def report(cfg: RunConfig, world_size: int) -> dict:
         "virtual_width": topology.virtual_width,
         "reuse_factor": topology.reuse_factor,
         "exposure": topology.exposure_E.tolist(),
+        "train_flops_per_token": flops_per_token(cfg),
         "layout": layout.describe(),
         "memory_gib_per_rank": _memory(parts, layout),
     }

@@ -19,7 +19,7 @@ TB_NAMES = {"loss": "lm loss", "lr": "learning-rate", "grad_norm": "grad-norm",
             "iteration_time": "iteration-time", "tokens_per_s": "throughput",
             "val_loss": "lm loss validation", "val_ppl": "lm loss validation ppl",
             "balance_loss": "moue/balance-loss", "load_max_over_mean": "moue/pool-load-max-over-mean",
-            "load_cv": "moue/pool-load-cv"}
+            "load_cv": "moue/pool-load-cv", "tflops": "throughput/tflops", "mfu": "throughput/mfu"}
 
 
 def load_figures(loads_LE: torch.Tensor) -> dict:
@@ -48,7 +48,7 @@ def _heatmap(loads_LE: torch.Tensor, title: str):
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: str, metrics_file: str | None, enabled: bool, fresh: bool = True):
+    def __init__(self, log_dir: str, metrics_file: str | None, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.dir = Path(log_dir)
         self.metrics_path = Path(metrics_file) if metrics_file else self.dir / "metrics.jsonl"
@@ -59,8 +59,13 @@ class MetricsLogger:
 
             self.dir.mkdir(parents=True, exist_ok=True)
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            if fresh:  # a new run starts a new file; a resumed one appends
-                self.metrics_path.write_text("")
+            # A new run starts a new file. A resumed one keeps the rows up to its checkpoint and
+            # drops any a crashed run logged after it, so every step appears once.
+            kept = []
+            if start_step and self.metrics_path.exists():
+                kept = [line for line in self.metrics_path.read_text().splitlines()
+                        if json.loads(line)["step"] <= start_step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
             self.writer = SummaryWriter(str(self.dir / "tensorboard"))
 
     def log(self, step: int, metrics: dict, loads_LE: torch.Tensor | None = None) -> None:
@@ -74,7 +79,7 @@ class MetricsLogger:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         for key, value in metrics.items():
-            if key in TB_NAMES and value is not None:
+            if key in TB_NAMES and value is not None and math.isfinite(value):
                 self.writer.add_scalar(TB_NAMES[key], value, step)
 
     def log_heatmap(self, step: int) -> None:

@@ -31,6 +31,7 @@ from data_tools.megatron_data import gpt_datasets
 from data_tools.tokenizer import load_tokenizer
 from moue.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moue.config import RunConfig
+from moue.dry_run import flops_per_token, peak_flops
 from moue.init import init_by_global_key
 from moue.megatron_config import transformer_config
 from moue.metrics import MetricsLogger
@@ -118,6 +119,9 @@ class Trainer:
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.train_data, self.valid_data = self._datasets()
         self.state = TrainState()
+        self.flops_per_token = flops_per_token(cfg)
+        self.peak = (peak_flops(torch.cuda.get_device_name()) * layout.world_size
+                     if device.type == "cuda" and peak_flops(torch.cuda.get_device_name()) else None)
 
     def _datasets(self):
         cfg, t = self.cfg, self.cfg.train
@@ -164,8 +168,10 @@ class Trainer:
         self.optimizer.zero_grad()
         loss = self._run_schedule(self.train_data, self.state.consumed_samples, forward_only=False)
         if not math.isfinite(loss):
-            raise NonFiniteLoss(f"step {self.state.step + 1}: loss is {loss}; lower train.lr or "
-                                "check the data (the run stops rather than train on it)")
+            if self.cfg.train.on_nan == "stop":
+                raise NonFiniteLoss(f"step {self.state.step + 1}: loss is {loss}; lower train.lr or "
+                                    "check the data, or set train.on_nan=skip to skip such steps")
+            return self._skip_step(loss, start)
         # Advance the schedule first: step k trains at lr(k), so warmup's first step is not lr 0.
         self.scheduler.step(increment=1)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -175,9 +181,11 @@ class Trainer:
         self.state.consumed_samples += self.cfg.train.global_batch_size
         seconds = time.perf_counter() - start
         tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
+        flops = self.flops_per_token * tokens / seconds
         return {"step": self.state.step, "loss": loss, "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "skipped": not ok, "iteration_time": seconds, "tokens_per_s": tokens / seconds,
+                "tflops": flops / 1e12, "mfu": flops / self.peak if self.peak else None,
                 "loads_LE": loads_LE}
 
     def fit(self, logger: MetricsLogger) -> None:
@@ -213,6 +221,18 @@ class Trainer:
                 break
         bar.close()
         stop.restore()
+
+    def _skip_step(self, loss: float, start: float) -> dict:
+        """train.on_nan=skip: no update, the step's expert counts are dropped, data moves on."""
+        for balance in self.balances:
+            balance.counts_LE.zero_()
+        self.scheduler.step(increment=1)
+        self.state.step += 1
+        self.state.consumed_samples += self.cfg.train.global_batch_size
+        return {"step": self.state.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": None, "skipped": True,
+                "iteration_time": time.perf_counter() - start, "tokens_per_s": 0.0,
+                "loads_LE": None}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -254,7 +274,7 @@ def train(cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> Train
     if resume is not None:
         load_checkpoint(trainer, resume)
     logger = MetricsLogger(cfg.logging.dir, cfg.logging.metrics_file, enabled=is_logging_rank(),
-                           fresh=trainer.state.step == 0)
+                           start_step=trainer.state.step)
     try:
         trainer.fit(logger)
     finally:

@@ -54,3 +54,14 @@ def test_help_exits_cleanly(capsys):
     with pytest.raises(SystemExit) as code:
         pretrain(["--help"])
     assert code.value.code == 0 and "--dry-run" in capsys.readouterr().out
+
+
+def test_flops_per_token_counts_only_activated_experts(capsys):
+    out = _dry_run(capsys, *ISSUE_EXAMPLE)
+    bigger_pool = _dry_run(capsys, *ISSUE_EXAMPLE, "moe.num_experts=32")
+    # Twice the pool, same windows and top-k: only U (E x d_r, applied in full) adds compute.
+    assert bigger_pool["train_flops_per_token"] - out["train_flops_per_token"] == 6 * 16 * 64
+    parts = out["params_by_part"]
+    applied = out["params_active"] - parts["embedding"]
+    attention = 6 * 4 * 128 * 64  # 6 * layers * seq * hidden (defaults: seq 128, hidden 64)
+    assert out["train_flops_per_token"] == 6 * applied + attention

@@ -114,3 +114,56 @@ def test_checkpoint_saved_with_pp2_loads_in_one_process_and_refuses_an_ep_change
     assert abs(single[4] - pp2[4]) / pp2[4] < 1e-5, (pp2, single)
     error = two["load[ep2]"][0]
     assert error and "saved with parallel.ep=1 and this run has parallel.ep=2" in error
+
+
+def test_sigkill_after_a_checkpoint_then_the_same_command_resumes_exactly(tmp_path):
+    """moue-pretrain under torchrun, SIGKILLed (whole process group) once a checkpoint exists;
+    the same command again resumes from it, and every later step equals an uninterrupted run."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+
+    def command(tag, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "moue.cli", "--config", "examples/configs/tiny_cpu.yaml",
+                "train.steps=8", "train.warmup_steps=1", "train.eval_interval=0",
+                "train.global_batch_size=8", "train.micro_batch_size=2", "model.seq_length=64",
+                f"logging.dir={tmp_path / tag}", *extra]
+
+    def losses(tag):
+        rows = (tmp_path / tag / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, rows) if "loss" in r}
+
+    straight = subprocess.run(command("straight"), env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    ckpt = [f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.interval=2"]
+    proc = subprocess.Popen(command("killed", *ckpt), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest, deadline = tmp_path / "ckpt" / "latest", time.time() + 240
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed_from = int(latest.read_text().strip().split("_")[1])
+    assert resumed_from < 8, "the run finished before it could be killed"
+    again = subprocess.run(command("killed", *ckpt), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    expected, got = losses("straight"), losses("killed")
+    later = [s for s in expected if s > resumed_from]
+    assert later and all(got[s] == expected[s] for s in later), (resumed_from, got, expected)
+    rows = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(r)["step"] for r in rows]
+    assert steps == sorted(set(steps)), steps  # each step once, despite the crash
+
+
+def test_non_finite_loss_stops_naming_the_step_or_is_skipped():
+    stop = launch(CASES, 1)["nan[stop]"][0]
+    assert "step 2: loss is nan" in stop["error"] and "train.on_nan=skip" in stop["error"]
+    skip = launch(CASES, 1)["nan[skip]"][0]
+    assert skip["skipped"] and skip["unchanged"] and skip["step"] == 2
+    assert skip["next_loss"] == skip["next_loss"]  # finite again on the next batch

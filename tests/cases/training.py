@@ -107,3 +107,42 @@ def _resume_case(name: str, interrupt: str) -> dict:
 for _how in ("sigterm", "crash_after_checkpoint", "crash_during_save"):
     CASES.add(f"resume[single,{_how}]", partial(_resume_case, "single", _how), nproc=1)
 CASES.add("resume[ep2,sigterm]", partial(_resume_case, "ep2", "sigterm"), nproc=2)
+
+
+# --- Non-finite losses ---------------------------------------------------------------------
+
+
+def _nan_at_step_2(on_nan: str) -> dict:
+    """The loss of step 2 reads NaN: stop names the step; skip leaves the weights untouched."""
+    import moue.training as training
+
+    base = Path(tempfile.gettempdir()) / f"moue-nan-{os.environ['MASTER_PORT']}" / on_nan
+    cfg = load_config(CONFIG, [*RESUME, "parallel.ep=1", f"train.on_nan={on_nan}",
+                               f"logging.dir={base}"])
+    layout = ParallelLayout(world_size=1)
+    init_model_parallel(layout)
+    original = training.Trainer._run_schedule
+
+    def schedule(trainer, dataset, first, forward_only):
+        loss = original(trainer, dataset, first, forward_only)
+        return float("nan") if trainer.state.step == 1 and not forward_only else loss
+
+    training.Trainer._run_schedule = schedule
+    try:
+        trainer = training.Trainer(cfg, layout, torch.device("cpu"))
+        trainer.train_step()
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        try:
+            metrics = trainer.train_step()
+        except training.NonFiniteLoss as err:
+            return {"error": str(err)}
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(),
+                                                          strict=True))
+        return {"skipped": metrics["skipped"], "unchanged": unchanged, "step": trainer.state.step,
+                "next_loss": trainer.train_step()["loss"]}
+    finally:
+        training.Trainer._run_schedule = original
+
+
+CASES.add("nan[stop]", partial(_nan_at_step_2, "stop"), nproc=1)
+CASES.add("nan[skip]", partial(_nan_at_step_2, "skip"), nproc=1)
