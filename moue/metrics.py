@@ -19,7 +19,7 @@ TB_NAMES = {"loss": "lm loss", "lr": "learning-rate", "grad_norm": "grad-norm",
             "iteration_time": "iteration-time", "tokens_per_s": "throughput",
             "val_loss": "lm loss validation", "val_ppl": "lm loss validation ppl",
             "balance_loss": "moue/balance-loss", "load_max_over_mean": "moue/pool-load-max-over-mean",
-            "load_cv": "moue/pool-load-cv", "tflops": "throughput/tflops", "mfu": "throughput/mfu"}
+            "load_cv": "moue/pool-load-cv", "router_entropy": "moue/router-entropy", "tflops": "throughput/tflops", "mfu": "throughput/mfu"}
 
 
 def load_figures(loads_LE: torch.Tensor) -> dict:
@@ -81,6 +81,8 @@ class MetricsLogger:
         for key, value in metrics.items():
             if key in TB_NAMES and value is not None and math.isfinite(value):
                 self.writer.add_scalar(TB_NAMES[key], value, step)
+        for layer, value in enumerate(metrics.get("router_entropy_by_layer") or []):
+            self.writer.add_scalar(f"moue/router-entropy/moe-layer-{layer}", value, step)
 
     def log_heatmap(self, step: int) -> None:
         if self.enabled and self.last_loads is not None:

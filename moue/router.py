@@ -24,6 +24,7 @@ when recompute options are added, that one must be refused while the state is on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from megatron.core.transformer.moe.moe_utils import (
     compute_routing_scores_for_aux_loss,
     get_tokens_per_expert_and_token_count,
     router_gating_linear,
+    save_to_aux_losses_tracker,
     topk_routing_with_score_function,
 )
 from megatron.core.transformer.moe.router import TopKRouter
@@ -130,12 +132,24 @@ class UniversalRouter(TopKRouter):
             probs_TE = self._attach_balance_loss(logits_TE, probs_TE, map_TE)
             with torch.no_grad():
                 balance.count(self.moe_index, map_TE)
+                self._record_entropy(logits_TE)
         if self.state_dim:
             moved_sbD = (probs_TE.float() @ self.shared.embedding.weight.float()).view(s, b, -1)
             self.state_out = torch.nn.functional.rms_norm(
                 self.state_in.float() + moved_sbD, (self.state_dim,)).type_as(self.state_in)
         order = self.megatron_to_pool
         return probs_TE[:, order], map_TE[:, order]
+
+    def _record_entropy(self, logits_TE):
+        """Mean entropy of the routing distribution over the window / log(W), in Megatron's
+        aux-loss tracker ("router_entropy"; 1 = uniform, 0 = one expert takes everything)."""
+        p_TE = torch.softmax(logits_TE.float(), dim=-1)
+        entropy = -(p_TE * torch.log(p_TE.clamp(min=1e-30))).sum(-1).mean()
+        normalised = entropy / math.log(self.shared.topology.window)
+        num_layers = self.config.num_layers
+        # The tracker sums over the sequence-parallel group: record this shard's share.
+        save_to_aux_losses_tracker("router_entropy", normalised / self.tp_cp_group.size(),
+                                   self.layer_number, num_layers, reduce_group=self.tp_cp_group)
 
     def _attach_balance_loss(self, logits_TE, probs_TE, map_TE):
         balance = self.shared.balance

@@ -44,7 +44,7 @@ from parallel.reduce import (
     data_parallel_slice,
     is_logging_rank,
     step_mean,
-    tracked_moe_loss,
+    tracked_moe_values,
 )
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -201,7 +201,12 @@ class Trainer:
         while self.state.step < t.steps:
             metrics = self.train_step()
             loads_LE = metrics.pop("loads_LE")
-            metrics["balance_loss"] = tracked_moe_loss("balance_loss", num_micro)
+            tracked = tracked_moe_values(num_micro)
+            metrics["balance_loss"] = sum(tracked.get("balance_loss", []))
+            entropy = [e for i, e in enumerate(tracked.get("router_entropy", []))
+                       if i % self.cfg.model.moe_layer_freq == 0]
+            metrics["router_entropy"] = sum(entropy) / len(entropy) if entropy else None
+            metrics["router_entropy_by_layer"] = entropy
             step = self.state.step
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
                 metrics["val_loss"] = self.evaluate()

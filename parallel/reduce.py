@@ -34,10 +34,12 @@ def is_logging_rank() -> bool:
             and parallel_state.get_tensor_model_parallel_rank() == 0)
 
 
-def tracked_moe_loss(name: str, num_microbatches: int) -> float:
-    """A loss MoE routers recorded in Megatron's aux-loss tracker during the step: summed over
-    layers (reduced over stages and sequence shards), averaged over micro-batches and
-    data-parallel ranks; the tracker is cleared. Every rank must call it (collectives)."""
+def tracked_moe_values(num_microbatches: int) -> dict[str, list[float]]:
+    """What MoE routers recorded in Megatron's aux-loss tracker during the step, per name and
+    per layer (0 for dense layers): reduced over stages and sequence shards (Megatron's
+    ``reduce_aux_losses_tracker_across_ranks``, once per step: it reduces every name),
+    averaged over micro-batches and data-parallel ranks. The tracker is then cleared. Every
+    rank must call it (collectives)."""
     from megatron.core.transformer.moe.moe_utils import (
         clear_aux_losses_tracker,
         get_moe_layer_wise_logging_tracker,
@@ -45,13 +47,16 @@ def tracked_moe_loss(name: str, num_microbatches: int) -> float:
     )
 
     tracker = get_moe_layer_wise_logging_tracker()
-    if name not in tracker:
-        return 0.0
+    if not tracker:
+        return {}
     reduce_aux_losses_tracker_across_ranks()
-    value = tracker[name]["values"].sum().reshape(1) / num_microbatches
-    torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+    out, dp = {}, parallel_state.get_data_parallel_world_size()
+    for name, entry in tracker.items():
+        values = entry["values"].float() / num_microbatches
+        torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        out[name] = (values / dp).tolist()
     clear_aux_losses_tracker()
-    return value.item() / parallel_state.get_data_parallel_world_size()
+    return out
 
 
 def any_rank(flag: bool) -> bool:

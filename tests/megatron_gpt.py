@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from moue.layer_specs import local_gpt_block_spec
 from parallel.launch import init_model_parallel, seed_everything
 from parallel.layout import ParallelLayout
-from parallel.reduce import step_mean, tracked_moe_loss
+from parallel.reduce import step_mean, tracked_moe_values
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def train(build_fn, layout: ParallelLayout, steps: int = 3, **build_kwargs) -> d
             built.after_step()
         losses.append(step_mean(step_losses, "lm loss", _device()))
         grad_norms.append(float(grad_norm))
-        balance.append(tracked_moe_loss("balance_loss", num_micro))
+        balance.append(sum(tracked_moe_values(num_micro).get("balance_loss", [])))
     return {"losses": losses, "grad_norms": grad_norms, "balance_loss": balance,
             "model": model}
 

@@ -22,8 +22,11 @@ def test_metrics_file_has_the_promised_fields(reference):
     assert [r["step"] for r in reference] == [0, 1, 2, 3]
     assert set(reference[0]) == {"step", "val_loss", "val_ppl"}  # the untrained model
     reference = reference[1:]
-    for key in ("loss", "lr", "grad_norm", "balance_loss", "tokens_per_s", "load_max_over_mean"):
+    for key in ("loss", "lr", "grad_norm", "balance_loss", "tokens_per_s", "load_max_over_mean",
+                "tflops", "router_entropy"):
         assert all(key in r for r in reference), key
+    assert all(0 < r["router_entropy"] <= 1 and len(r["router_entropy_by_layer"]) == 4
+               for r in reference)
     assert "val_loss" in reference[-1] and reference[-1]["val_ppl"] > 1
     assert reference[0]["balance_loss"] == pytest.approx(1.0, abs=1e-6)  # UELB with F = Q
     assert reference[0]["lr"] == pytest.approx(3e-3)  # step 1 of 1 warmup step: the peak lr
@@ -32,7 +35,7 @@ def test_metrics_file_has_the_promised_fields(reference):
 @pytest.mark.parametrize("layout", ["tp2", "ep2", "pp2"])
 def test_same_loss_curve_as_one_process(layout, reference):
     rows = _rows(layout, 2)
-    for key in ("loss", "grad_norm", "balance_loss", "val_loss"):
+    for key in ("loss", "grad_norm", "balance_loss", "router_entropy", "val_loss"):
         ref = [r[key] for r in reference if key in r]
         got = [r[key] for r in rows if key in r]
         assert len(got) == len(ref) > 0
