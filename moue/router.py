@@ -13,7 +13,8 @@ shared by all layers, ``r`` [s, b, d] the token's trajectory state (``r_0 = 0``)
 pre-/post-softmax top-k, z-loss and top-k scaling are Megatron's. The balance loss is the pool's
 (``moue.balance``), not Megatron's per-layer aux loss (which would normalise by E, not W).
 
-Per step, elastic training may set ``topk`` and ``expert_mask_E`` (experts kept; None = all).
+Per step, elastic training may set ``expert_mask_E`` (experts kept; None = all) and the top-k
+(``moue.model.set_topk``, which also resizes Megatron's dispatchers).
 
 The state enters through ``state_in`` and leaves through ``state_out``, set by
 ``moue.layer.MoUETransformerLayer`` around the MoE forward. That is safe without recompute and

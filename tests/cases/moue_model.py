@@ -5,6 +5,7 @@ from functools import partial
 import torch
 from megatron.core import parallel_state
 
+from moue.model import set_topk
 from parallel.launch import init_model_parallel, seed_everything
 from tests.distributed import Cases
 from tests.megatron_gpt import (
@@ -280,7 +281,8 @@ def _elastic_hooks() -> dict:
     keep_E = torch.ones(8, dtype=torch.bool)
     keep_E[[0, 5]] = False
     for layer in model.decoder.layers:
-        layer.mlp.router.expert_mask_E, layer.mlp.router.topk = keep_E, 1
+        layer.mlp.router.expert_mask_E = keep_E
+    set_topk(model, 1)
     model.decoder.layers[2].skip = True
     balance.counts_LE.zero_()
     _one_step(model, built.data)
