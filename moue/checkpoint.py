@@ -9,8 +9,9 @@ Layout of ``checkpoint.dir``::
 A checkpoint is written into ``.tmp_step_...`` and renamed when every rank has finished; only
 then is ``latest`` replaced (write-aside, then ``os.replace``). A process killed mid-save leaves
 ``latest`` pointing at the previous complete checkpoint. The optimizer is saved in the
-distributed optimizer's ``fully_reshardable`` format, so a checkpoint loads under another
-(tp, pp, ep, dp) layout.
+distributed optimizer's ``fully_reshardable`` format without chained-optimizer prefixes, so a
+checkpoint loads under another (tp, pp, ep, dp) layout, also when the optimizer is split
+differently (ep=1: one optimizer; ep>1: dense and expert parts).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from megatron.core import dist_checkpointing, parallel_state
 
 from parallel.compat import load_distributed_optimizer_state
 
-SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+# fully_reshardable: the optimizer state of each parameter under the parameter's global key, with
+# no "chained_<i>." prefix, so it loads whether the optimizer is split into dense and expert
+# parts (ep>1) or not (ep=1).
+SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 # Parameters and buffers every pipeline stage holds a replica of (the pool itself, ExpertPool,
 # marks its own): the stage index goes into replica_id[0], as Megatron does for tied embeddings.
 PIPELINE_REPLICAS = ("decoder.expert_embedding.", "decoder.pool_balance.")
@@ -103,13 +107,6 @@ def load_checkpoint(trainer, path: Path) -> None:
     """Restore model, optimizer, scheduler, data position and RNG from ``path`` (any layout)."""
     meta = torch.load(path / "trainer.pt", weights_only=False)
     _check_config(meta["config"], trainer.cfg, path)
-    saved_ep, ep = meta.get("layout", {}).get("ep", trainer.layout.ep), trainer.layout.ep
-    if (saved_ep == 1) != (ep == 1):
-        raise ValueError(
-            f"checkpoint {path} was saved with parallel.ep={saved_ep} and this run has "
-            f"parallel.ep={ep}: Megatron-Core 0.16 keeps expert and dense optimizer state apart "
-            "only when ep>1, and cannot load it across that change. Resume with "
-            f"parallel.ep{'=1' if saved_ep == 1 else '>1'} (tp, pp and dp may change).")
     _init_optimizer_state(trainer.optimizer)
     model_state = _model_state(trainer)
     loaded = dist_checkpointing.load({
@@ -118,12 +115,49 @@ def load_checkpoint(trainer, path: Path) -> None:
                                                           metadata=SHARDING),
     }, str(path))
     trainer.model.module.load_state_dict(loaded["model"])
-    load_distributed_optimizer_state(trainer.optimizer, loaded["optimizer"])
+    parts = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+    for index, part in enumerate(parts):
+        load_distributed_optimizer_state(part, _part_state(loaded["optimizer"], index, part))
+    if len(parts) > 1:
+        trainer.optimizer._synchronize_steps()
     trainer.scheduler.load_state_dict(meta["scheduler"])
     trainer.state = type(trainer.state)(**meta["state"])
     rng = path / f"rng_rank{torch.distributed.get_rank()}.pt"
     if rng.exists():  # absent when the checkpoint was saved with fewer processes
         torch.set_rng_state(torch.load(rng)["cpu"])
+
+
+def _part_state(loaded: dict, index: int, part) -> dict:
+    """The loaded state of one part of a (possibly chained) distributed optimizer.
+
+    The per-parameter tensors were placed in the structure this run asked for; the param groups
+    come back in the structure the checkpoint was *saved* with, which differs when the optimizer
+    is split differently (ep=1: one optimizer; ep>1: dense and expert parts). Each part keeps its
+    own param groups (lr and weight decay are set by the schedule every step; betas, eps from the
+    config) and takes Adam's step from the checkpoint.
+    """
+    state = loaded.get(index, loaded)
+    saved_groups = _saved_param_groups(loaded)
+    groups = part.state_dict()["optimizer"]["param_groups"]
+    steps = {g["step"] for g in saved_groups if "step" in g}
+    if len(steps) > 1:
+        raise ValueError(f"checkpoint optimizer parts disagree on the step: {sorted(steps)}")
+    for group in groups:
+        if steps:
+            group["step"] = next(iter(steps))
+    saved_common = loaded if "optimizer" in loaded else next(
+        (v for k, v in loaded.items() if isinstance(k, int)), {})
+    common = {k: v for k, v in saved_common.items()
+              if not isinstance(k, int) and k not in ("param_state", "optimizer")}
+    return {**common, **state,
+            "optimizer": {**state.get("optimizer", {}), "param_groups": groups}}
+
+
+def _saved_param_groups(loaded: dict) -> list:
+    if "optimizer" in loaded and "param_groups" in loaded["optimizer"]:
+        return loaded["optimizer"]["param_groups"]
+    return [g for key, part in loaded.items() if isinstance(key, int)
+            for g in part.get("optimizer", {}).get("param_groups", [])]
 
 
 def _init_optimizer_state(optimizer) -> None:
