@@ -42,12 +42,6 @@ def install_paged_stash_stand_in() -> bool:
     return True
 
 
-def megatron_version() -> tuple[int, ...]:
-    from importlib.metadata import version
-
-    return tuple(int(p) for p in version("megatron-core").split(".")[:3] if p.isdigit())
-
-
 def load_distributed_optimizer_state(optimizer, state_dict) -> None:
     """``optimizer.load_state_dict(state_dict)`` for Megatron's distributed optimizer, with two
     fixes for torch's Adam (no Transformer Engine / apex), measured on megatron-core 0.16:

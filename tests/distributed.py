@@ -26,6 +26,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def max_rel(values, reference) -> float:
+    """Largest relative difference between two equally long sequences of numbers."""
+    return max(abs(v - r) / abs(r) for v, r in zip(values, reference, strict=True))
+
+
 class Cases:
     """An ordered registry of distributed cases: name -> (function, number of processes)."""
 

@@ -14,17 +14,13 @@ Cases live in tests/cases/megatron_equivalence.py; one torchrun per world size r
 import pytest
 
 from parallel import cpu_backend
-from tests.distributed import launch
+from tests.distributed import launch, max_rel
 from tests.megatron_gpt import LAYOUTS
 
 pytestmark = pytest.mark.compat
 
 CASES = "tests.cases.megatron_equivalence"
 RTOL = 1e-5
-
-
-def _max_rel(values, reference):
-    return max(abs(v - r) / abs(r) for v, r in zip(values, reference, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +38,8 @@ def test_reference_run_trains(reference):
 @pytest.mark.parametrize("layout", [*LAYOUTS, "dp2_plain_optimizer"])
 def test_layout_matches_one_process(layout, reference):
     for rank, run in enumerate(launch(CASES, 2)[f"gpt_train[{layout}]"]):
-        assert _max_rel(run["losses"], reference["losses"]) < RTOL, (layout, rank, run)
-        assert _max_rel(run["grad_norms"], reference["grad_norms"]) < RTOL, (layout, rank, run)
+        assert max_rel(run["losses"], reference["losses"]) < RTOL, (layout, rank, run)
+        assert max_rel(run["grad_norms"], reference["grad_norms"]) < RTOL, (layout, rank, run)
 
 
 @pytest.mark.parametrize("sp", ["no_sp", "sp"])

@@ -8,17 +8,13 @@ Cases live in tests/cases/moue_model.py.
 
 import pytest
 
-from tests.distributed import launch
+from tests.distributed import launch, max_rel
 from tests.megatron_gpt import LAYOUTS
 
 pytestmark = pytest.mark.compat
 
 CASES = "tests.cases.moue_model"
 RTOL = 1e-5
-
-
-def _max_rel(values, reference):
-    return max(abs(v - r) / abs(r) for v, r in zip(values, reference, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def test_reference_trains_and_uelb_starts_at_one(reference):
 def test_layout_matches_one_process(layout, reference):
     for rank, run in enumerate(launch(CASES, 2)[f"moue_train[{layout}]"]):
         for key in ("losses", "grad_norms", "balance_loss"):
-            assert _max_rel(run[key], reference[key]) < RTOL, (layout, rank, key, run)
+            assert max_rel(run[key], reference[key]) < RTOL, (layout, rank, key, run)
 
 
 def test_pool_replicas_stay_bit_identical_across_stages():
@@ -83,8 +79,8 @@ def test_aux_free_shared_expert_sigmoid_variant_matches_and_moves_the_bias():
     # Each step moves every bias by +-rate (fp32): whole multiples of 0.05, some non-zero.
     assert max(nudges) > 0 and all(abs(n / 0.05 - round(n / 0.05)) < 1e-4 for n in nudges)
     for run in launch(CASES, 2)["moue_variant[ep2]"]:
-        assert _max_rel(run["losses"], reference["losses"]) < RTOL
-        assert _max_rel(run["grad_norms"], reference["grad_norms"]) < RTOL
+        assert max_rel(run["losses"], reference["losses"]) < RTOL
+        assert max_rel(run["grad_norms"], reference["grad_norms"]) < RTOL
         assert run["bias"] == reference["bias"]  # loads summed over ranks: same nudges
 
 
