@@ -39,7 +39,7 @@ VARIANTS = {
                           "moe.stride=2", "moe.router_state_dim=32", "moe.balance=uelb"]),
     "c": ("MoUE, no state", ["moe.topology=rotational", "moe.num_experts=8", "moe.window=4",
                              "moe.stride=2", "moe.router_state_dim=0", "moe.balance=uelb"]),
-    "d": ("dense", []),
+    "d": ("dense", ["model.moe_layer_freq=0", "model.ffn_hidden_size=256"]),  # 2 x 128
 }
 
 
@@ -51,6 +51,7 @@ def _worker(variant: str, steps: int, out: str) -> None:
     import torch
 
     from moue.config import load_config
+    from moue.training import Trainer
     from parallel import launch
 
     name, overrides = VARIANTS[variant]
@@ -61,7 +62,7 @@ def _worker(variant: str, steps: int, out: str) -> None:
     layout = launch.init_distributed(ep=ep, device="auto")
     launch.seed_everything(cfg.train.seed)
     device = launch.resolve_device("auto")
-    trainer = _dense_trainer(cfg, layout, device) if variant == "d" else _trainer(cfg, layout, device)
+    trainer = Trainer(cfg, layout, device)
     times = []
     for i in range(steps + 3):
         if device.type == "cuda":
@@ -79,36 +80,6 @@ def _worker(variant: str, steps: int, out: str) -> None:
          "step_s": sorted(times)[len(times) // 2], "peak_bytes": peak,
          "params": sum(p.numel() for p in trainer.model.parameters()), "device": device.type}))
     launch.shutdown()
-
-
-def _trainer(cfg, layout, device):
-    from moue.training import Trainer
-
-    return Trainer(cfg, layout, device)
-
-
-def _dense_trainer(cfg, layout, device):
-    """A Trainer whose model is Megatron's dense GPT with MLPs as wide as top-k experts."""
-    from megatron.core.models.gpt import GPTModel
-
-    import moue.training as training
-    from moue.layer_specs import local_gpt_block_spec
-
-    def dense_model(cfg_, config, pg_collection):
-        config.num_moe_experts = None
-        config.ffn_hidden_size = cfg_.moe.topk * cfg_.moe.expert_ffn_hidden_size
-        return GPTModel(config=config, transformer_layer_spec=local_gpt_block_spec(config, None),
-                        vocab_size=cfg_.model.vocab_size,
-                        max_sequence_length=cfg_.model.seq_length,
-                        share_embeddings_and_output_weights=False, position_embedding_type="rope",
-                        pg_collection=pg_collection)
-
-    original = training.build_model
-    training.build_model = dense_model
-    try:
-        return training.Trainer(cfg, layout, device)
-    finally:
-        training.build_model = original
 
 
 def _run_variant(variant: str, nproc: int, steps: int) -> dict:

@@ -40,12 +40,15 @@ class ModelConfig:
     seq_length: int = 128
     vocab_size: int = 256
     ffn_hidden_size: int = 256  # dense (non-MoE) layers
-    moe_layer_freq: int = 1  # every k-th layer (0, k, 2k, ...) is an MoE layer
+    moe_layer_freq: int = 1  # every k-th layer (0, k, 2k, ...) is MoE; 0: dense, no MoE layers
     normalization: str = "RMSNorm"
 
     def __post_init__(self):
         _positive("model", self, "num_layers", "hidden_size", "num_attention_heads",
-                  "seq_length", "vocab_size", "ffn_hidden_size", "moe_layer_freq")
+                  "seq_length", "vocab_size", "ffn_hidden_size")
+        _check(isinstance(self.moe_layer_freq, int) and self.moe_layer_freq >= 0,
+               "model.moe_layer_freq", self.moe_layer_freq,
+               "must be an integer >= 0 (0 builds the dense model, without MoE layers)")
         if self.num_query_groups is not None:
             _positive("model", self, "num_query_groups")
             _check(self.num_attention_heads % self.num_query_groups == 0,
@@ -57,9 +60,14 @@ class ModelConfig:
         _one_of("model.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
 
     @property
+    def dense(self) -> bool:
+        """No MoE layers: the dense baseline (every MLP has ``ffn_hidden_size``)."""
+        return self.moe_layer_freq == 0
+
+    @property
     def moe_layers(self) -> list[int]:
         """0-based indices of the MoE layers."""
-        return [i for i in range(self.num_layers) if i % self.moe_layer_freq == 0]
+        return [] if self.dense else [i for i in range(self.num_layers) if i % self.moe_layer_freq == 0]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +155,7 @@ class DataConfig:
     split: str = "98,2,0"
     tokenizer: str = "byte"
     mock: bool = False  # synthetic tokens (Megatron's mock dataset): no files needed
+    seed: int | None = None  # order of the train and validation samples; None: train.seed
 
     def __post_init__(self):
         _check(self.mock or self.path or self.blend, "data.path", self.path,
@@ -193,6 +202,11 @@ class RunConfig:
 
     def __post_init__(self):
         moe = self.moe
+        if self.model.dense:  # the moe section is not used
+            _check(self.parallel.ep == 1, "parallel.ep", self.parallel.ep,
+                   "the dense model (model.moe_layer_freq=0) has no experts to split; "
+                   "use parallel.ep=1 (its ranks then do data parallelism)")
+            return
         if moe.topology == "rotational":
             _check(moe.window <= moe.num_experts, "moe.window", moe.window,
                    f"the window cannot be larger than the pool (moe.num_experts="
@@ -201,8 +215,17 @@ class RunConfig:
                    f"top-k cannot exceed the window (moe.window={moe.window})")
         self.topology()  # builds and validates the eligibility mask (standard: E = L*N)
 
+    @property
+    def data_seed(self) -> int:
+        """Seed of the sample order: ``data.seed``, else ``train.seed`` (Megatron-LM's one seed)."""
+        return self.train.seed if self.data.seed is None else self.data.seed
+
     def topology(self):
+        """The eligibility topology of the MoE layers; None for the dense model."""
         from moue.topology import build_topology
+
+        if self.model.dense:
+            return None
 
         return build_topology(self.moe, num_moe_layers=len(self.model.moe_layers))
 

@@ -28,6 +28,10 @@ def param_counts(cfg: RunConfig) -> dict[str, int]:
     n_dense = m.num_layers - n_moe
     expert = 2 * h * moe.expert_ffn_hidden_size
     topology = cfg.topology()
+    if topology is None:  # dense: the moe section builds nothing
+        return {"embedding": m.vocab_size * h, "output_layer": m.vocab_size * h,
+                "attention": m.num_layers * attention,
+                "dense_mlp": m.num_layers * (2 * h * m.ffn_hidden_size + norm), "final_norm": norm}
     return {
         "embedding": m.vocab_size * h,
         "output_layer": m.vocab_size * h,
@@ -49,7 +53,7 @@ def flops_per_token(cfg: RunConfig) -> float:
     parts = param_counts(cfg)
     m, moe = cfg.model, cfg.moe
     expert = 2 * m.hidden_size * moe.expert_ffn_hidden_size
-    applied = (sum(parts.values()) - parts["pool"] - parts["embedding"]
+    applied = (sum(parts.values()) - parts.get("pool", 0) - parts["embedding"]
                + len(m.moe_layers) * moe.topk * expert)
     return 6.0 * applied + 6.0 * m.num_layers * m.seq_length * m.hidden_size
 
@@ -69,32 +73,39 @@ def report(cfg: RunConfig, world_size: int) -> dict:
     m, moe = cfg.model, cfg.moe
     layout.check_model(num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
                        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
-                       num_experts=moe.num_experts, expert_ffn_hidden_size=moe.expert_ffn_hidden_size,
-                       seq_length=m.seq_length)
+                       **moe_dims(cfg), seq_length=m.seq_length)
     parts = param_counts(cfg)
     topology = cfg.topology()
     total = sum(parts.values())
     expert = 2 * m.hidden_size * moe.expert_ffn_hidden_size
-    active = total - parts["pool"] + len(m.moe_layers) * moe.topk * expert
+    active = total - parts.get("pool", 0) + len(m.moe_layers) * moe.topk * expert
     return {
         "params_total": total,
         "params_active": active,
         "params_by_part": parts,
         "num_moe_layers": len(m.moe_layers),
-        "topology": moe.topology,
-        "window": topology.window,
-        "virtual_width": topology.virtual_width,
-        "reuse_factor": topology.reuse_factor,
-        "exposure": topology.exposure_E.tolist(),
+        "topology": moe.topology if topology else "dense",
+        "window": topology.window if topology else None,
+        "virtual_width": topology.virtual_width if topology else None,
+        "reuse_factor": topology.reuse_factor if topology else None,
+        "exposure": topology.exposure_E.tolist() if topology else None,
         "train_flops_per_token": flops_per_token(cfg),
         "layout": layout.describe(),
         "memory_gib_per_rank": _memory(parts, layout),
     }
 
 
+def moe_dims(cfg: RunConfig) -> dict:
+    """The expert dimensions ``ParallelLayout.check_model`` checks (none for the dense model)."""
+    if cfg.model.dense:
+        return {}
+    return {"num_experts": cfg.moe.num_experts,
+            "expert_ffn_hidden_size": cfg.moe.expert_ffn_hidden_size}
+
+
 def _memory(parts: dict[str, int], layout: ParallelLayout) -> dict[str, float]:
-    pool = parts["pool"] / (layout.ep * layout.etp)  # each stage holds its EP shard of the pool
-    dense = (sum(parts.values()) - parts["pool"]) / (layout.tp * layout.pp)
+    pool = parts.get("pool", 0) / (layout.ep * layout.etp)  # each stage holds its EP shard of the pool
+    dense = (sum(parts.values()) - parts.get("pool", 0)) / (layout.tp * layout.pp)
     gib = 2.0**30
     weights_and_grads = (dense + pool) * (4 + 4) / gib
     adam = (dense / layout.dp + pool / layout.edp) * 8 / gib  # two fp32 moments, sharded

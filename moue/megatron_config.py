@@ -4,6 +4,7 @@ Decisions made here (docs/configuration.md):
 - Megatron's own load-balancing loss is off (``moe_router_load_balancing_type="none"``): the pool's
   balance (``moue.balance``) replaces it; Megatron's would normalise by E, not by the window.
 - The router computes in fp32 (``moe_router_dtype="fp32"``) whatever the model precision.
+- The dense model (``model.moe_layer_freq=0``) sets none of the ``moe_*`` fields.
 - Biases off (``add_bias_linear=False``): Megatron's MoE biases need ETP=1 and break PP=2/EP=1.
 - Dropout 0 and kernel fusions that need CUDA or torch.compile off on CPU.
 - With pipeline parallelism, pool and U replicas are summed across stages by Megatron's
@@ -19,14 +20,9 @@ from moue.config import RunConfig
 from parallel.layout import ParallelLayout
 
 
-def transformer_config(cfg: RunConfig, layout: ParallelLayout, *, device: torch.device,
-                       params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+def _moe_fields(cfg: RunConfig) -> dict:
     model, moe = cfg.model, cfg.moe
-    on_gpu = device.type == "cuda"
-    config = TransformerConfig(
-        num_layers=model.num_layers, hidden_size=model.hidden_size,
-        num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
-        ffn_hidden_size=model.ffn_hidden_size, normalization=model.normalization,
+    return dict(
         moe_layer_freq=model.moe_layer_freq,
         num_moe_experts=moe.num_experts, moe_router_topk=moe.topk,
         moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
@@ -37,6 +33,18 @@ def transformer_config(cfg: RunConfig, layout: ParallelLayout, *, device: torch.
         moe_z_loss_coeff=moe.z_loss_coeff or None,
         moe_router_score_function=moe.score_function, moe_router_pre_softmax=moe.pre_softmax,
         moe_router_dtype="fp32",
+    )
+
+
+def transformer_config(cfg: RunConfig, layout: ParallelLayout, *, device: torch.device,
+                       params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    model = cfg.model
+    on_gpu = device.type == "cuda"
+    config = TransformerConfig(
+        num_layers=model.num_layers, hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size, normalization=model.normalization,
+        **({} if model.dense else _moe_fields(cfg)),
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
         sequence_parallel=layout.sequence_parallel,

@@ -19,16 +19,23 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moue.balance import Balance, build_balance
 from moue.config import RunConfig
-from moue.layer_specs import moue_block_spec
+from moue.layer_specs import local_gpt_block_spec, moue_block_spec
 from moue.pool import UniversalEmbedding, shared_pool_factory
 from moue.router import SharedRouting, UniversalRouter
 from parallel.pool_sync import broadcast_replicas, mark_pipeline_replicas
 
 
 def build_model(cfg: RunConfig, config: TransformerConfig, pg_collection) -> GPTModel:
-    """The MoUE GPT of ``cfg`` for this rank's pipeline stage."""
+    """The MoUE GPT of ``cfg`` for this rank's pipeline stage (Megatron's dense GPT when
+    ``model.moe_layer_freq=0``: the baseline with the same layers and no experts)."""
     model_cfg, moe = cfg.model, cfg.moe
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
+    gpt = partial(GPTModel, config=config, vocab_size=model_cfg.vocab_size,
+                  max_sequence_length=model_cfg.seq_length, pre_process=pp_rank == 0,
+                  post_process=pp_rank == pp_size - 1, share_embeddings_and_output_weights=False,
+                  position_embedding_type="rope", pg_collection=pg_collection)
+    if model_cfg.dense:
+        return gpt(transformer_layer_spec=local_gpt_block_spec(config, None))
     layers_per_stage = model_cfg.num_layers // pp_size
     if layers_per_stage % model_cfg.moe_layer_freq:
         raise ValueError(
@@ -54,12 +61,7 @@ def build_model(cfg: RunConfig, config: TransformerConfig, pg_collection) -> GPT
                            state_dim=moe.router_state_dim,
                            router=partial(UniversalRouter, shared=shared),
                            experts_factory=remember_factory, pp_rank=pp_rank)
-    model = GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=model_cfg.vocab_size,
-        max_sequence_length=model_cfg.seq_length, pre_process=pp_rank == 0,
-        post_process=pp_rank == pp_size - 1, share_embeddings_and_output_weights=False,
-        position_embedding_type="rope", pg_collection=pg_collection,
-    )
+    model = gpt(transformer_layer_spec=spec)
     _register_shared(model.decoder, experts_factory.pool, shared)
     replicas = [*model.decoder.expert_pool.parameters(),
                 *(embedding.parameters() if embedding is not None else [])]

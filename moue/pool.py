@@ -33,6 +33,25 @@ class ExpertPool(SequentialMLP):
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
         self.pp_group = pg_collection.pp  # pipeline stages hold replicas of the pool
 
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        """SequentialMLP's loop over the local experts, leaving out those without tokens.
+
+        A layer reaches only its window of the pool, so most of a rank's experts get no tokens
+        from it (the standard MoE: all but N of L*N); Megatron's loop would still run each one
+        on an empty batch. Tokens are the same on every expert-tensor-parallel rank, so all of
+        them leave out the same experts. With no token at all, or FP8/FP4 padding, Megatron's
+        own loop runs (it keeps this rank's part of the autograd graph for the dispatcher).
+        """
+        counts = tokens_per_expert.tolist()
+        busy = [i for i, n in enumerate(counts) if n]
+        if (not busy or self.num_local_experts == 1 or self.config.fp8 or self.config.fp4
+                or self.config.moe_apply_probs_on_input):
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        tokens = torch.split(permuted_local_hidden_states, counts)
+        probs = torch.split(permuted_probs, counts)
+        outputs = [self.local_experts[i](tokens[i], probs[i])[0] for i in busy]
+        return torch.cat(outputs, dim=0), None
+
     def pool_ids(self) -> list[int]:
         ep, rank = self.ep_group.size(), self.ep_group.rank()
         return [i * ep + rank for i in range(self.num_local_experts)]

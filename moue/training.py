@@ -31,7 +31,7 @@ from data_tools.megatron_data import gpt_datasets
 from data_tools.tokenizer import load_tokenizer
 from moue.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moue.config import RunConfig
-from moue.dry_run import flops_per_token, peak_flops
+from moue.dry_run import flops_per_token, moe_dims, peak_flops
 from moue.init import init_by_global_key
 from moue.megatron_config import transformer_config
 from moue.metrics import MetricsLogger
@@ -133,7 +133,7 @@ class Trainer:
                              f"data.tokenizer={cfg.data.tokenizer}); raise model.vocab_size")
         valid_samples = max(1, t.eval_iters) * t.global_batch_size
         train, valid, _ = gpt_datasets(
-            seq_length=cfg.model.seq_length, seed=t.seed, split=cfg.data.split,
+            seq_length=cfg.model.seq_length, seed=cfg.data_seed, split=cfg.data.split,
             num_samples=(t.steps * t.global_batch_size, valid_samples, 0),
             tokenizer=tokenizer, blend=None if cfg.data.mock else blend,
             vocab_size=cfg.model.vocab_size)
@@ -203,8 +203,8 @@ class Trainer:
             loads_LE = metrics.pop("loads_LE")
             tracked = tracked_moe_values(num_micro)
             metrics["balance_loss"] = sum(tracked.get("balance_loss", []))
-            entropy = [e for i, e in enumerate(tracked.get("router_entropy", []))
-                       if i % self.cfg.model.moe_layer_freq == 0]
+            moe_layers = set(self.cfg.model.moe_layers)  # Megatron tracks every layer's slot
+            entropy = [e for i, e in enumerate(tracked.get("router_entropy", [])) if i in moe_layers]
             metrics["router_entropy"] = sum(entropy) / len(entropy) if entropy else None
             metrics["router_entropy_by_layer"] = entropy
             step = self.state.step
@@ -255,12 +255,11 @@ class Trainer:
 
 def run(cfg: RunConfig) -> None:
     """``moue-pretrain``: start the processes' groups, build, train, write logs and plots."""
-    p, m, moe = cfg.parallel, cfg.model, cfg.moe
+    p, m = cfg.parallel, cfg.model
     layout = launch.init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, device="auto")
     layout.check_model(num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
                        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
-                       num_experts=moe.num_experts, expert_ffn_hidden_size=moe.expert_ffn_hidden_size,
-                       seq_length=m.seq_length)
+                       **moe_dims(cfg), seq_length=m.seq_length)
     if cfg.train.global_batch_size % (cfg.train.micro_batch_size * layout.dp):
         raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple "
                          f"of train.micro_batch_size x data-parallel ranks = "

@@ -19,3 +19,49 @@ def test_speed_benchmark_runs_and_reports_ratios(tmp_path):
     assert [r["variant"] for r in rows] == ["a", "b"]
     assert all(r["step_s"] > 0 and r["peak_bytes"] > 0 for r in rows)
     assert "(b) MoUE, state" in proc.stdout and "ratio to (a)" in proc.stdout
+
+
+def test_quality_benchmark_trains_matched_variants_on_the_same_data(tmp_path):
+    from data_tools.corpus import build_stdlib_corpus
+    from data_tools.preprocess import preprocess
+
+    corpus = build_stdlib_corpus(tmp_path / "corpus", limit_bytes=300_000)
+    preprocess([str(corpus.train)], str(tmp_path / "stdlib"), "byte", append_eod=True,
+               progress=False)
+    out = tmp_path / "quality.json"
+    proc = subprocess.run([sys.executable, "benchmarks/quality.py", "--preset", "smoke",
+                           "--data", str(tmp_path / "stdlib"), "--work-dir", str(tmp_path / "runs"),
+                           "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    runs, params = figures["runs"], figures["params"]
+    names = ["moe", "moue", "moue-nostate", "moue-perlayer", "dense"]
+    assert [(r["variant"], r["seed"]) for r in runs] == [(v, s) for v in names for s in (1234, 1235)]
+    for run in runs:  # every variant trained: held-out loss fell from the untrained model's
+        assert run["curve"][0][0] == 0 and run["val_loss"] < run["curve"][0][1] - 0.01, run
+    # Matched: the same pool and top-k; MoUE's routers have 2N rows instead of N (hidden 32,
+    # 2 layers, N=2), U adds E x d_r; the dense model has no routers at all.
+    assert params["moue-nostate"]["total"] - params["moe"]["total"] == 2 * 2 * 32
+    assert params["moue"]["total"] - params["moue-nostate"]["total"] == 4 * 32
+    assert params["moe"]["active"] - params["dense"]["active"] == 2 * 2 * 32
+    seeds = {r["seed"]: r["val_loss"] for r in runs if r["variant"] == "moe"}
+    assert seeds[1234] != seeds[1235]  # the seeds are different runs
+    assert "| moue: MoUE, window 4, state, UELB |" in proc.stdout
+    assert (tmp_path / "runs" / "quality.png").stat().st_size > 0
+
+
+def test_every_quality_preset_builds_valid_matched_configs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = quality  # dataclasses look their module up there
+    spec.loader.exec_module(quality)
+    for name, preset in quality.PRESETS.items():
+        params = {v: quality._params([*preset.shape, *overrides])
+                  for v, (_, overrides) in quality.variants(preset).items()}
+        # Same activated parameters up to the routers' rows and U: within 1% of the MoE's.
+        for v, p in params.items():
+            assert abs(p["active"] / params["moe"]["active"] - 1) < 0.01, (name, v, p)

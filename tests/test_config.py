@@ -60,3 +60,18 @@ def test_numbers_in_exponent_notation_are_numbers():
     assert cfg.train.lr == 3e-4 and cfg.moe.balance_coeff == 1e-2
     with pytest.raises(ValueError, match="train.lr='fast': must be a number"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_moe_layer_freq_zero_is_the_dense_baseline():
+    cfg = load_config(TINY, ["model.moe_layer_freq=0", "parallel.ep=1", "moe.window=40"])
+    # No MoE layers: the moe section builds nothing, so its pool checks do not apply.
+    assert cfg.model.dense and cfg.model.moe_layers == [] and cfg.topology() is None
+    with pytest.raises(ValueError, match=r"parallel.ep=2: the dense model .* use parallel.ep=1"):
+        load_config(TINY, ["model.moe_layer_freq=0"])
+    with pytest.raises(ValueError, match=r"model.moe_layer_freq=-1: must be an integer >= 0"):
+        load_config(TINY, ["model.moe_layer_freq=-1", "parallel.ep=1"])
+
+
+def test_data_seed_defaults_to_the_training_seed():
+    assert load_config(TINY, ["train.seed=7"]).data_seed == 7
+    assert load_config(TINY, ["train.seed=7", "data.seed=3"]).data_seed == 3

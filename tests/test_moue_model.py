@@ -85,7 +85,7 @@ def test_aux_free_shared_expert_sigmoid_variant_matches_and_moves_the_bias():
 
 
 @pytest.mark.parametrize("name", ["rotational_state", "standard_no_state",
-                                  "dense_between_shared_gqa_layernorm"])
+                                  "dense_between_shared_gqa_layernorm", "dense_baseline"])
 def test_dry_run_parameter_count_is_the_built_models(name):
     run = launch(CASES, 1)[f"param_count[{name}]"][0]
     assert run["dry_run"] == run["built"]
