@@ -83,6 +83,9 @@ PRESETS = {
 }
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                      "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
+                      "PMIX_RANK")
 DATA_SEED = 1234  # one sample order and one held-out sample for every run; seeds vary the init
 
 
@@ -127,7 +130,9 @@ def _train(name: str, seed: int, overrides: list[str], run_dir: Path, threads: i
     metrics.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "moue.cli", *overrides, f"train.seed={seed}",
            f"logging.dir={run_dir}", "logging.interval=1"]
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=str(threads),
+    # Each run is a world of its own: no rank variables of an enclosing launcher (srun, torchrun).
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.update(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     start = time.perf_counter()
     with open(run_dir / "train.log", "w") as log:

@@ -140,11 +140,17 @@ def init_distributed(
     else:
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        if env.launcher == "single":
+            # A lone process owns its rendezvous. A MASTER_PORT inherited from a parent (a test
+            # runner, a benchmark driver) would make two lone processes share one store and hang.
+            init_method = f"tcp://{env.master_addr}:{env.master_port}"
+        else:
+            os.environ.setdefault("MASTER_ADDR", env.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(env.master_port))
+            init_method = "env://"
         torch.distributed.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
-            init_method="env://", rank=env.rank, world_size=env.world_size,
+            init_method=init_method, rank=env.rank, world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     init_model_parallel(layout)
