@@ -109,7 +109,36 @@ def gpt_datasets(*, seq_length: int, seed: int, num_samples: tuple[int, int, int
         random_seed=seed, sequence_length=seq_length, blend=blend_arg, split=split,
         tokenizer=megatron_tok, reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=False, create_attention_mask=False, path_to_cache=cache_dir)
+    for prefix in (blend_arg[0] if blend_arg else ()):
+        check_split_sizes(prefix, split, config.split_matrix, num_samples, seq_length)
     return BlendedMegatronDatasetBuilder(cls, list(num_samples), lambda: True, config).build()
+
+
+def check_split_sizes(prefix: str, split: str, split_matrix, num_samples, seq_length: int) -> None:
+    """Raise if a split that must give samples holds less than one sequence of ``prefix``.
+
+    Megatron loops forever counting epochs of an empty split (0 tokens per epoch never reach
+    the tokens requested), so a small corpus with a 2% validation share would hang the run.
+    The bounds are Megatron's: ``round(share * documents)``.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    lengths = dataset.sequence_lengths.copy()  # a view of the index's mmap, closed with it
+    del dataset
+    count = len(lengths)
+    for name, bounds, wanted in zip(("train", "valid", "test"), split_matrix, num_samples,
+                                    strict=True):
+        if not wanted or bounds is None:
+            continue
+        begin, end = (int(round(b * count)) for b in bounds)
+        tokens = int(lengths[begin:end].sum())
+        if tokens <= seq_length:
+            raise ValueError(
+                f"data.split={split!r}: the {name} split of {prefix} gets {end - begin} of its "
+                f"{count} documents ({tokens} tokens), less than one sequence of {seq_length} + 1 "
+                f"tokens; give the {name} split a larger share of data.split, or use a larger "
+                "corpus")
 
 
 def mock_gpt_datasets(*, vocab_size: int, seq_length: int, seed: int,

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_speed_benchmark_runs_and_reports_ratios(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run([sys.executable, "benchmarks/speed.py", "--nproc", "1", "--steps", "2",
@@ -23,11 +26,12 @@ def test_speed_benchmark_runs_and_reports_ratios(tmp_path):
     assert "(b) MoUE, state" in proc.stdout and "ratio to (a)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_quality_benchmark_trains_matched_variants_on_the_same_data(tmp_path):
     from data_tools.corpus import build_stdlib_corpus
     from data_tools.preprocess import preprocess
 
-    corpus = build_stdlib_corpus(tmp_path / "corpus", limit_bytes=300_000)
+    corpus = build_stdlib_corpus(tmp_path / "corpus", limit_bytes=2_000_000)
     preprocess([str(corpus.train)], str(tmp_path / "stdlib"), "byte", append_eod=True,
                progress=False)
     out = tmp_path / "quality.json"

@@ -31,3 +31,24 @@ def test_vocabulary_only_tokenizer_refuses_text():
     assert (tok.vocab_size, tok.eod) == (256, 0)
     with pytest.raises(NotImplementedError, match="mock data has no text"):
         tok.tokenize("hello")
+
+
+def test_a_split_too_small_for_one_sequence_is_refused_not_looped_on(tmp_path):
+    """Megatron counts epochs of an empty split forever; moue names the split and the fix."""
+    import json
+
+    from data_tools.megatron_data import gpt_datasets
+    from data_tools.preprocess import preprocess
+    from data_tools.tokenizer import load_tokenizer
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(10)))
+    preprocess([str(docs)], str(tmp_path / "ten"), "byte", append_eod=True, progress=False)
+    build = lambda split: gpt_datasets(  # noqa: E731
+        seq_length=32, seed=1, num_samples=(8, 4, 0), split=split,
+        tokenizer=load_tokenizer("byte"), blend=[str(tmp_path / "ten")])
+    with pytest.raises(ValueError, match=r"data.split='98,2,0': the valid split of .* gets 0 of "
+                                         r"its 10 documents \(0 tokens\)"):
+        build("98,2,0")
+    train, valid, _ = build("80,20,0")  # 2 documents of ~230 bytes: enough for a sequence
+    assert len(train) >= 8 and len(valid) >= 4
