@@ -44,7 +44,6 @@ sys.path.insert(0, str(ROOT))
 @dataclass(frozen=True)
 class Preset:
     shape: tuple[str, ...]  # config overrides shared by every variant
-    layers: int
     experts_per_layer: int  # N of the standard MoE
     seeds: int
     jobs: int  # runs at once (CPU: one per core)
@@ -69,17 +68,17 @@ PRESETS = {
     # 4 layers, hidden 64, 16 experts of 64, top-2; 800 steps of 16 x 128 bytes (1.6M tokens).
     "cpu": Preset(_shape(4, 64, 4, 128, 64, 2, warmup=40, steps=800, lr=3e-3, min_lr=3e-4, mbs=16,
                          gbs=16, eval_every=200, eval_iters=32),
-                  layers=4, experts_per_layer=4, seeds=2, jobs=2,
+                  experts_per_layer=4, seeds=2, jobs=2,
                   about="2 CPU cores, about 20 minutes"),
     # 8 layers, hidden 512, 64 experts of 512, top-2; 3000 steps of 32 x 512 bytes (49M tokens).
     "gpu": Preset(_shape(8, 512, 8, 512, 512, 2, warmup=200, steps=3000, lr=1e-3, min_lr=1e-4,
                          mbs=32, gbs=32, eval_every=250, eval_iters=32),
-                  layers=8, experts_per_layer=8, seeds=3, jobs=1,
+                  experts_per_layer=8, seeds=3, jobs=1,
                   about="one GPU; not yet run on one"),
     # Two variants, a few steps: the benchmark's own test.
     "smoke": Preset(_shape(2, 32, 2, 32, 32, 2, warmup=1, steps=6, lr=3e-3, min_lr=3e-4, mbs=4,
                            gbs=4, eval_every=3, eval_iters=2),
-                    layers=2, experts_per_layer=2, seeds=2, jobs=2, about="a few seconds"),
+                    experts_per_layer=2, seeds=2, jobs=2, about="a few seconds"),
 }
 
 
@@ -91,11 +90,14 @@ DATA_SEED = 1234  # one sample order and one held-out sample for every run; seed
 
 def variants(preset: Preset) -> dict[str, tuple[str, list[str]]]:
     """Name -> (description, overrides) of the compared models under a preset."""
-    n, pool = preset.experts_per_layer, preset.layers * preset.experts_per_layer
+    from moue.config import load_config
+
+    shape = load_config(None, [*preset.shape, "data.mock=true"])
+    n = preset.experts_per_layer
+    pool = shape.model.num_layers * n
     moue = [f"moe.num_experts={pool}", "moe.topology=rotational", f"moe.window={2 * n}",
             f"moe.stride={n}", "moe.router_state_dim=32", "moe.balance=uelb"]
-    expert_ffn = int(next(o for o in preset.shape if o.startswith("moe.expert_ffn")).split("=")[1])
-    topk = int(next(o for o in preset.shape if o.startswith("moe.topk")).split("=")[1])
+    expert_ffn, topk = shape.moe.expert_ffn_hidden_size, shape.moe.topk
     return {
         "moe": (f"standard MoE, {n} experts per layer", [
             f"moe.num_experts={pool}", "moe.topology=standard", "moe.router_state_dim=0",

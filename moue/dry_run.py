@@ -28,20 +28,18 @@ def param_counts(cfg: RunConfig) -> dict[str, int]:
     n_dense = m.num_layers - n_moe
     expert = 2 * h * moe.expert_ffn_hidden_size
     topology = cfg.topology()
-    if topology is None:  # dense: the moe section builds nothing
-        return {"embedding": m.vocab_size * h, "output_layer": m.vocab_size * h,
-                "attention": m.num_layers * attention,
-                "dense_mlp": m.num_layers * (2 * h * m.ffn_hidden_size + norm), "final_norm": norm}
+    window = topology.window if topology else 0  # dense: the moe section builds nothing
+    pool = 0 if m.dense else moe.num_experts
     return {
         "embedding": m.vocab_size * h,
         "output_layer": m.vocab_size * h,
         "attention": m.num_layers * attention,
         "dense_mlp": n_dense * (2 * h * m.ffn_hidden_size + norm),
         "moe_norms": n_moe * norm,
-        "routers": n_moe * topology.window * h,
+        "routers": n_moe * window * h,
         "shared_experts": n_moe * moe.shared_experts * expert,
-        "pool": moe.num_experts * expert,
-        "universal_embedding": moe.num_experts * moe.router_state_dim,
+        "pool": pool * expert,
+        "universal_embedding": pool * moe.router_state_dim,
         "final_norm": norm,
     }
 
@@ -53,7 +51,7 @@ def flops_per_token(cfg: RunConfig) -> float:
     parts = param_counts(cfg)
     m, moe = cfg.model, cfg.moe
     expert = 2 * m.hidden_size * moe.expert_ffn_hidden_size
-    applied = (sum(parts.values()) - parts.get("pool", 0) - parts["embedding"]
+    applied = (sum(parts.values()) - parts["pool"] - parts["embedding"]
                + len(m.moe_layers) * moe.topk * expert)
     return 6.0 * applied + 6.0 * m.num_layers * m.seq_length * m.hidden_size
 
@@ -78,7 +76,7 @@ def report(cfg: RunConfig, world_size: int) -> dict:
     topology = cfg.topology()
     total = sum(parts.values())
     expert = 2 * m.hidden_size * moe.expert_ffn_hidden_size
-    active = total - parts.get("pool", 0) + len(m.moe_layers) * moe.topk * expert
+    active = total - parts["pool"] + len(m.moe_layers) * moe.topk * expert
     return {
         "params_total": total,
         "params_active": active,
@@ -104,8 +102,8 @@ def moe_dims(cfg: RunConfig) -> dict:
 
 
 def _memory(parts: dict[str, int], layout: ParallelLayout) -> dict[str, float]:
-    pool = parts.get("pool", 0) / (layout.ep * layout.etp)  # each stage holds its EP shard of the pool
-    dense = (sum(parts.values()) - parts.get("pool", 0)) / (layout.tp * layout.pp)
+    pool = parts["pool"] / (layout.ep * layout.etp)  # each stage holds its EP shard of the pool
+    dense = (sum(parts.values()) - parts["pool"]) / (layout.tp * layout.pp)
     gib = 2.0**30
     weights_and_grads = (dense + pool) * (4 + 4) / gib
     adam = (dense / layout.dp + pool / layout.edp) * 8 / gib  # two fp32 moments, sharded

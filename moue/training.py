@@ -194,6 +194,7 @@ class Trainer:
         t, every, ckpt = self.cfg.train, self.cfg.logging.interval, self.cfg.checkpoint
         stop = _StopOnSignal()
         num_micro = t.global_batch_size // (t.micro_batch_size * self.layout.dp)
+        moe_layers = set(self.cfg.model.moe_layers)  # Megatron's tracker has every layer's slot
         if t.eval_interval and self.state.step == 0:
             logger.log(0, {"val_loss": self.evaluate()})  # the untrained model, for reference
         bar = tqdm(total=t.steps, initial=self.state.step, disable=not logger.enabled,
@@ -203,7 +204,6 @@ class Trainer:
             loads_LE = metrics.pop("loads_LE")
             tracked = tracked_moe_values(num_micro)
             metrics["balance_loss"] = sum(tracked.get("balance_loss", []))
-            moe_layers = set(self.cfg.model.moe_layers)  # Megatron tracks every layer's slot
             entropy = [e for i, e in enumerate(tracked.get("router_entropy", [])) if i in moe_layers]
             metrics["router_entropy"] = sum(entropy) / len(entropy) if entropy else None
             metrics["router_entropy_by_layer"] = entropy
