@@ -49,10 +49,11 @@ demo: install
 		--config examples/configs/tiny_cpu.yaml data.mock=false data.path=$(DEMO)/data/stdlib \
 		data.tokenizer=byte logging.dir=$(DEMO) checkpoint.dir=$(DEMO)/checkpoints \
 		checkpoint.interval=200 $(DEMO_ARGS)
-	@$(PY) -m moue.metrics $(DEMO)
+	@$(PY) -m moue.training.metrics $(DEMO)
 
 lint: install
 	$(PY) -m ruff check moue parallel data_tools tests benchmarks
+	$(VENV)/bin/shellcheck examples/scripts/*.sh examples/scripts/*.sbatch .ci/run tests/stubs/*
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,7 +1,9 @@
 """Training-step time and peak memory: MoUE against the matched MoE baseline, side by side.
 
 Variants (same shapes, same top-k, same activated parameters per token):
-  (a) standard MoE: 4 layers x 4 private experts (16), top-2
+  (m) Megatron-Core's own MoE, built from its own local layer spec (4 layers x 4 experts, its
+      Switch aux loss): the anchor that shows what the moue machinery costs
+  (a) standard MoE: 4 layers x 4 private experts (16), top-2 (moue's standard topology)
   (b) rotational MoUE with the trajectory state: one pool of 8 experts shared by the 4 layers,
       windows of 4 with stride 2, top-2
   (c) the same MoUE without the state
@@ -9,8 +11,8 @@ Variants (same shapes, same top-k, same activated parameters per token):
 A step is forward + backward + optimizer, on one process, then on 2 with EP=2 (the dense model:
 DP=2), on CPU or on the GPU when present.
 
-Time: the variants live in one process group and take their steps in turn (a, b, c, d, then
-b, c, d, a, ...), so a slow spell of the machine hits them alike. The ratio to (a) is the median
+Time: the variants live in one process group and take their steps in turn (a, b, c, d, m, then
+b, c, d, m, a, ...), so a slow spell of the machine hits them alike. The ratio to (a) is the median
 of the per-step ratios, with their interquartile range. The dense model cannot run under EP=2,
 so with 2 processes it is timed in its own run and its ratio is unpaired.
 Memory: each variant alone in a process (peak RSS on CPU, peak allocated on GPU).
@@ -47,20 +49,51 @@ VARIANTS = {
     "c": ("MoUE, no state", ["moe.topology=rotational", "moe.num_experts=8", "moe.window=4",
                              "moe.stride=2", "moe.router_state_dim=0", "moe.balance=uelb"]),
     "d": ("dense", ["model.moe_layer_freq=0", "model.ffn_hidden_size=256"]),  # 2 x 128
+    "m": ("Megatron-Core MoE", ["moe.topology=standard", "moe.num_experts=16",
+                                "moe.router_state_dim=0", "moe.balance=per_layer"]),
 }
 WARMUP = 3  # untimed steps first
 
 
+def _megatron_moe_trainer():
+    """A Trainer whose model is Megatron-Core's own GPT with MoE from its local layer spec: N
+    private experts per layer, Megatron's router and Switch aux loss; the same engine steps it."""
+    import dataclasses
+
+    from megatron.core.models.gpt import GPTModel
+
+    from moue.model.layer_specs import local_gpt_block_spec
+    from moue.training.trainer import Trainer
+
+    class MegatronMoETrainer(Trainer):
+        def build_module(self, megatron_config):
+            cfg = self.cfg
+            per_layer = cfg.moe.num_experts // len(cfg.model.moe_layers)
+            config = dataclasses.replace(
+                megatron_config, num_moe_experts=per_layer,
+                moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=cfg.moe.balance_coeff)
+            pp = self.pg.pp
+            return GPTModel(
+                config=config, transformer_layer_spec=local_gpt_block_spec(config, per_layer),
+                vocab_size=cfg.model.vocab_size, max_sequence_length=cfg.model.seq_length,
+                pre_process=pp.rank() == 0, post_process=pp.rank() == pp.size() - 1,
+                share_embeddings_and_output_weights=False, position_embedding_type="rope",
+                pg_collection=self.pg)
+
+    return MegatronMoETrainer
+
+
 def _build(variant: str, layout, steps: int):
     from moue.config import load_config
-    from moue.training import Trainer
+    from moue.training.trainer import Trainer
     from parallel import launch
 
     cfg = load_config(None, [*SHAPE, *VARIANTS[variant][1], f"parallel.ep={layout.ep}",
                              f"train.steps={steps + WARMUP}", f"logging.dir={tempfile.mkdtemp()}",
                              "train.eval_interval=0"])
     launch.seed_everything(cfg.train.seed)
-    return Trainer(cfg, layout, launch.resolve_device("auto"))
+    cls = _megatron_moe_trainer() if variant == "m" else Trainer
+    return cls(cfg, layout, launch.resolve_device("auto"))
 
 
 def _timed_step(trainer) -> float:
@@ -80,9 +113,11 @@ def _timing_worker(variants: list[str], steps: int, out: str) -> None:
     import torch
 
     from parallel import launch
+    from parallel.layout import ParallelLayout
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    layout = launch.init_distributed(ep=1 if variants == ["d"] else world, device="auto")
+    layout = launch.init_distributed(
+        ParallelLayout(world_size=world, ep=1 if variants == ["d"] else world), device="auto")
     trainers = {v: _build(v, layout, steps) for v in variants}
     for trainer in trainers.values():
         for _ in range(WARMUP):
@@ -104,9 +139,11 @@ def _memory_worker(variant: str, out: str) -> None:
     import torch
 
     from parallel import launch
+    from parallel.layout import ParallelLayout
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    layout = launch.init_distributed(ep=1 if variant == "d" else world, device="auto")
+    layout = launch.init_distributed(
+        ParallelLayout(world_size=world, ep=1 if variant == "d" else world), device="auto")
     trainer = _build(variant, layout, 2)
     for _ in range(WARMUP + 2):
         trainer.train_step()

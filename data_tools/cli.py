@@ -7,11 +7,13 @@ import json
 import sys
 import warnings
 
+from parallel.errors import UserError
+
 # Megatron-Core announces its fallbacks when Transformer Engine / apex are absent (CPU machines).
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
 
 
-def _fail(prog: str, err: Exception) -> int:
+def _fail(prog: str, err: UserError) -> int:
     print(f"{prog}: error: {err}", file=sys.stderr)
     return 2
 
@@ -44,7 +46,7 @@ def preprocess_main(argv: list[str] | None = None) -> int:
                              json_key=args.json_key, append_eod=args.append_eod,
                              overwrite=args.overwrite, skip_bad=args.skip_bad,
                              progress=not args.quiet)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except UserError as err:
         return _fail("moue-preprocess", err)
     for line in summary.lines():
         print(line)
@@ -69,7 +71,7 @@ def train_tokenizer_main(argv: list[str] | None = None) -> int:
     try:
         path = train_bpe(args.input, args.output, args.vocab_size, json_key=args.json_key,
                          min_frequency=args.min_frequency)
-    except (ValueError, FileNotFoundError) as err:
+    except UserError as err:
         return _fail("moue-train-tokenizer", err)
     print(f"wrote {path}")
     return 0
@@ -86,7 +88,7 @@ def data_info_main(argv: list[str] | None = None) -> int:
 
     try:
         info = dataset_info(args.prefix)
-    except FileNotFoundError as err:
+    except UserError as err:
         return _fail("moue-data-info", err)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -115,7 +117,10 @@ def build_corpus_main(argv: list[str] | None = None) -> int:
     from data_tools.corpus import build_stdlib_corpus
 
     limit = int(args.limit_mb * 1e6) if args.limit_mb else None
-    files = build_stdlib_corpus(args.output, args.valid_percent, limit)
+    try:
+        files = build_stdlib_corpus(args.output, args.valid_percent, limit)
+    except UserError as err:
+        return _fail("moue-build-corpus", err)
     print(f"wrote {files.train} ({files.train_documents:,} documents) and {files.valid} "
           f"({files.valid_documents:,}); {files.bytes / 1e6:.1f} MB of text")
     return 0

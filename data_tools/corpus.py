@@ -15,6 +15,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_tools.preprocess import ensure_writable_dir
+from parallel.errors import UserError
+
 
 @dataclass(frozen=True)
 class CorpusFiles:
@@ -44,8 +47,10 @@ def stdlib_sources(limit_bytes: int | None = None) -> list[Path]:
 def build_stdlib_corpus(out_dir: str | Path, valid_percent: float = 2.0,
                         limit_bytes: int | None = None) -> CorpusFiles:
     """Write ``train.jsonl`` and ``valid.jsonl`` (``{"text", "path"}`` per file) atomically."""
+    if not 0 <= valid_percent < 100:
+        raise UserError(f"--valid-percent {valid_percent}: must be in [0, 100), e.g. 2")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out, "--output")
     root = Path(sysconfig.get_paths()["stdlib"])
     names = {"train": out / "train.jsonl", "valid": out / "valid.jsonl"}
     temps = {k: v.with_suffix(f".tmp-{os.getpid()}") for k, v in names.items()}

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from data_tools.megatron_data import read_lengths
 from data_tools.preprocess import output_paths
 
 
@@ -13,11 +14,8 @@ def dataset_info(prefix: str) -> dict:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     paths = output_paths(prefix)
-    if not paths["idx"].exists() or not paths["bin"].exists():
-        raise FileNotFoundError(f"{prefix}: no dataset ({paths['bin'].name} and "
-                                f"{paths['idx'].name} are both needed); run moue-preprocess")
+    lengths = read_lengths(prefix, "prefix")  # refuses a missing, damaged or truncated dataset
     ds = IndexedDataset(prefix)
-    lengths = np.asarray(ds.sequence_lengths)
     edges = [0] + [2**k for k in range(4, 21, 2)] + [np.inf]
     counts, _ = np.histogram(lengths, bins=edges)
     meta = json.loads(paths["meta"].read_text()) if paths["meta"].exists() else {}

@@ -13,11 +13,13 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from data_tools.tokenizer import Tokenizer
+from parallel.errors import UserError
 
 
 class MegatronTokenizer(MegatronTokenizerBase):
@@ -66,19 +68,76 @@ class MegatronTokenizer(MegatronTokenizerBase):
         raise NotImplementedError("no chat templates in pretraining data")
 
 
-def check_dataset_tokenizer(prefix: str, tokenizer: Tokenizer) -> None:
-    """Raise if ``prefix`` was preprocessed with another tokenizer than ``tokenizer``."""
+def read_lengths(prefix: str, what: str = "data.path") -> np.ndarray:
+    """The sequence lengths of an indexed dataset, after checking that its files are whole: the
+    ``.idx`` is a Megatron index and the ``.bin`` holds every token the index points to. Errors
+    name ``what`` (the config field or command argument), the file and the fix."""
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
+
+    for suffix in (".bin", ".idx"):
+        if str(prefix).endswith(suffix):
+            raise UserError(f"{what}={prefix}: give the dataset prefix, without {suffix} "
+                            f"({what}={str(prefix)[:-len(suffix)]})")
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    missing = [p.name for p in (bin_, idx) if not p.is_file()]
+    if missing:
+        raise UserError(f"{what}={prefix}: no dataset there ({' and '.join(missing)} missing); "
+                        "run moue-preprocess to make one, or set data.mock=true")
+    with open(idx, "rb") as f:
+        header = f.read(len(_INDEX_HEADER))
+    if header != _INDEX_HEADER:  # checked here: Megatron's reader fails half-built, noisily
+        raise UserError(f"{idx}: not a readable Megatron index (it does not start with "
+                        f"{_INDEX_HEADER!r}); it is damaged or of another format: run "
+                        "moue-preprocess again")
+    try:
+        dataset = IndexedDataset(str(prefix))
+        lengths = np.asarray(dataset.sequence_lengths).copy()
+        pointers = np.asarray(dataset.index.sequence_pointers)
+        end = int(pointers[-1]) + int(lengths[-1]) * dataset.index.dtype_size if len(lengths) else 0
+        del dataset
+    except Exception as err:  # Megatron asserts on a bad header, numpy on a short index
+        raise UserError(f"{idx}: not a readable Megatron index ({type(err).__name__}: "
+                        f"{str(err)[:120]}); it is damaged or of another format: run "
+                        "moue-preprocess again") from None
+    if bin_.stat().st_size < end:
+        raise UserError(f"{bin_}: truncated ({bin_.stat().st_size:,} bytes, the index points to "
+                        f"{end:,}); copy it again or run moue-preprocess again")
+    return lengths
+
+
+def max_token_id(prefix: str) -> int:
+    """The largest token id stored in ``prefix``.bin (read in chunks)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix))
+    tokens = np.memmap(f"{prefix}.bin", dtype=dataset.index.dtype, mode="r")
+    del dataset
+    chunk = 1 << 26
+    return max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=-1)
+
+
+def check_dataset_tokenizer(prefix: str, tokenizer: Tokenizer,
+                            vocab_size: int | None = None) -> None:
+    """Raise if ``prefix`` was preprocessed with another tokenizer than ``tokenizer``, or (for
+    a dataset made by another tool, with no ``.meta.json``) holds ids ``>= vocab_size``."""
     meta_path = Path(f"{prefix}.meta.json")
-    if not Path(f"{prefix}.idx").exists():
-        raise FileNotFoundError(f"data: no dataset at {prefix} ({prefix}.idx missing); run "
-                                "moue-preprocess, or set data.mock=true")
-    if not meta_path.exists():
-        return  # made by another tool: nothing recorded to check against
-    recorded = json.loads(meta_path.read_text())["tokenizer"]
+    read_lengths(prefix)
+    if not meta_path.exists():  # made by another tool: check the ids themselves
+        largest = max_token_id(prefix) if vocab_size else -1
+        if vocab_size and largest >= vocab_size:
+            raise UserError(f"data.path={prefix}: holds token id {largest}, beyond "
+                            f"model.vocab_size={vocab_size}; raise model.vocab_size above "
+                            f"{largest}, or preprocess the data with data.tokenizer")
+        return
+    try:
+        recorded = json.loads(meta_path.read_text())["tokenizer"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{meta_path}: damaged ({type(err).__name__}); remove it (the tokenizer "
+                        "is then not checked) or run moue-preprocess again") from None
     mine = tokenizer.describe()
     if (recorded["kind"], recorded["vocab_size"], recorded["eod"]) != (
             mine["kind"], mine["vocab_size"], mine["eod"]):
-        raise ValueError(
+        raise UserError(
             f"data: {prefix} was tokenized with {recorded['kind']} (vocab {recorded['vocab_size']}"
             f", eod {recorded['eod']}) but data.tokenizer is {mine['kind']} (vocab "
             f"{mine['vocab_size']}, eod {mine['eod']}); set data.tokenizer to the one used by "
@@ -100,10 +159,10 @@ def gpt_datasets(*, seq_length: int, seed: int, num_samples: tuple[int, int, int
         megatron_tok = MegatronTokenizer(vocab_size or tokenizer.vocab_size)
     else:
         if tokenizer is None:
-            raise ValueError("data.tokenizer is needed to read preprocessed data")
+            raise UserError("data.tokenizer is needed to read preprocessed data")
         prefixes, weights = _parse_blend(blend)
         for prefix in prefixes:
-            check_dataset_tokenizer(prefix, tokenizer)
+            check_dataset_tokenizer(prefix, tokenizer, vocab_size)
         megatron_tok, cls, blend_arg = MegatronTokenizer.of(tokenizer), GPTDataset, (prefixes, weights)
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=blend_arg, split=split,
@@ -121,11 +180,7 @@ def check_split_sizes(prefix: str, split: str, split_matrix, num_samples, seq_le
     the tokens requested), so a small corpus with a 2% validation share would hang the run.
     The bounds are Megatron's: ``round(share * documents)``.
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    dataset = IndexedDataset(prefix)
-    lengths = dataset.sequence_lengths.copy()  # a view of the index's mmap, closed with it
-    del dataset
+    lengths = read_lengths(prefix)
     count = len(lengths)
     for name, bounds, wanted in zip(("train", "valid", "test"), split_matrix, num_samples,
                                     strict=True):
@@ -134,7 +189,7 @@ def check_split_sizes(prefix: str, split: str, split_matrix, num_samples, seq_le
         begin, end = (int(round(b * count)) for b in bounds)
         tokens = int(lengths[begin:end].sum())
         if tokens <= seq_length:
-            raise ValueError(
+            raise UserError(
                 f"data.split={split!r}: the {name} split of {prefix} gets {end - begin} of its "
                 f"{count} documents ({tokens} tokens), less than one sequence of {seq_length} + 1 "
                 f"tokens; give the {name} split a larger share of data.split, or use a larger "
@@ -152,12 +207,12 @@ def _parse_blend(blend: list) -> tuple[list[str], list[float] | None]:
     if len(blend) == 1:
         return [str(blend[0])], None
     if len(blend) % 2:
-        raise ValueError(f"data.blend={blend!r}: give [weight, prefix, weight, prefix, ...] or "
+        raise UserError(f"data.blend={blend!r}: give [weight, prefix, weight, prefix, ...] or "
                          "[prefix]")
     weights, prefixes = blend[0::2], blend[1::2]
     try:
         weights = [float(w) for w in weights]
     except (TypeError, ValueError):
-        raise ValueError(f"data.blend={blend!r}: weights come first in each pair, e.g. "
+        raise UserError(f"data.blend={blend!r}: weights come first in each pair, e.g. "
                          "[0.7, data/a, 0.3, data/b]") from None
     return [str(p) for p in prefixes], weights

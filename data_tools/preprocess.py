@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from data_tools.readers import Bad, expand_inputs, read_records
 from data_tools.tokenizer import Tokenizer, load_tokenizer, token_dtype
+from parallel.errors import UserError
 
 BATCH_DOCUMENTS = 64
 
@@ -83,6 +84,18 @@ def _batches(records: Iterator, skip_bad: bool, summary: Summary) -> Iterator[li
         yield batch
 
 
+def ensure_writable_dir(directory: Path, what: str) -> None:
+    """Create ``directory`` if needed; a ``UserError`` naming ``what`` if it cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{what}: cannot write into {directory} ({err.strerror}); choose a "
+                        "writable location") from None
+
+
 def output_paths(prefix: str | Path) -> dict[str, Path]:
     prefix = str(prefix)
     return {"bin": Path(prefix + ".bin"), "idx": Path(prefix + ".idx"),
@@ -98,14 +111,14 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str = "byte", *
     final = output_paths(output_prefix)
     existing = [str(p) for p in final.values() if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to "
-                              "replace the dataset, or choose another --output-prefix")
+        raise UserError(f"{', '.join(existing)} already exist(s); pass --overwrite to "
+                        "replace the dataset, or choose another --output-prefix")
     if workers < 1:
-        raise ValueError(f"--workers {workers}: must be at least 1")
+        raise UserError(f"--workers {workers}: must be at least 1")
     files = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer)
     temp = output_paths(f"{output_prefix}.tmp-{os.getpid()}")
-    final["bin"].parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(final["bin"].parent, "--output-prefix")
     summary, start = Summary(), time.perf_counter()
     total_bytes = sum(f.stat().st_size for f in files)
     builder = IndexedDatasetBuilder(str(temp["bin"]), dtype=token_dtype(tok.vocab_size))

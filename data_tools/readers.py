@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from parallel.errors import UserError
+
 
 @dataclass(frozen=True)
 class Document:
@@ -96,13 +98,13 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
             files += sorted(f for f in p.rglob("*") if f.is_file() and _suffix(f) in READERS)
         elif p.is_file():
             if _suffix(p) not in READERS:
-                raise ValueError(f"{p}: unknown input kind {_suffix(p)!r}; readable: "
+                raise UserError(f"{p}: unknown input kind {_suffix(p)!r}; readable: "
                                  f"{', '.join(sorted(READERS))}")
             files.append(p)
         else:
-            raise ValueError(f"--input {p}: no such file or directory")
+            raise UserError(f"--input {p}: no such file or directory")
     if not files:
-        raise ValueError(f"--input {' '.join(map(str, paths))}: no readable files "
+        raise UserError(f"--input {' '.join(map(str, paths))}: no readable files "
                          f"({', '.join(sorted(READERS))})")
     return files
 

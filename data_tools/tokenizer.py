@@ -17,17 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-TOKENIZERS: dict[str, type[Tokenizer]] = {}
+from parallel.errors import UserError
 
 EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eot_id|>")
-
-
-def register_tokenizer(kind: str):
-    def register(cls):
-        cls.kind = kind
-        TOKENIZERS[kind] = cls
-        return cls
-    return register
 
 
 class Tokenizer(ABC):
@@ -54,10 +46,10 @@ class Tokenizer(ABC):
                 "path": self.path}
 
 
-@register_tokenizer("byte")
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as tokens: lossless on any text, and needs no file."""
 
+    kind = "byte"
     vocab_size = 257
     eod = 256
 
@@ -68,8 +60,9 @@ class ByteTokenizer(Tokenizer):
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
-@register_tokenizer("huggingface")
 class HuggingFaceTokenizer(Tokenizer):
+    kind = "huggingface"
+
     def __init__(self, path: str):
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -78,8 +71,8 @@ class HuggingFaceTokenizer(Tokenizer):
         self._eod = next((self._tok.token_to_id(n) for n in EOD_NAMES
                           if self._tok.token_to_id(n) is not None), None)
         if self._eod is None:
-            raise ValueError(f"{path}: no end-of-document token among {', '.join(EOD_NAMES)}; "
-                             "add one to the tokenizer (moue-train-tokenizer adds <|endoftext|>)")
+            raise UserError(f"{path}: no end-of-document token among {', '.join(EOD_NAMES)}; "
+                            "add one to the tokenizer (moue-train-tokenizer adds <|endoftext|>)")
 
     @property
     def vocab_size(self):
@@ -96,15 +89,16 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-@register_tokenizer("sentencepiece")
 class SentencePieceTokenizer(Tokenizer):
+    kind = "sentencepiece"
+
     def __init__(self, path: str):
         import sentencepiece
 
         self.path = str(path)
         self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
         if self._sp.eos_id() < 0:
-            raise ValueError(f"{path}: the SentencePiece model has no EOS id; train it with one")
+            raise UserError(f"{path}: the SentencePiece model has no EOS id; train it with one")
 
     @property
     def vocab_size(self):
@@ -127,13 +121,20 @@ def load_tokenizer(spec: str) -> Tokenizer:
         return ByteTokenizer()
     path = Path(spec)
     if not path.exists():
-        raise ValueError(f"tokenizer {spec!r}: no such file; use 'byte', a Hugging Face "
+        raise UserError(f"tokenizer {spec!r}: no such file; use 'byte', a Hugging Face "
                          "tokenizer.json (moue-train-tokenizer makes one) or a SentencePiece .model")
-    if path.suffix == ".json":
-        return HuggingFaceTokenizer(path)
-    if path.suffix == ".model":
-        return SentencePieceTokenizer(path)
-    raise ValueError(f"tokenizer {spec!r}: unknown kind; expected 'byte', *.json or *.model")
+    kinds = {".json": HuggingFaceTokenizer, ".model": SentencePieceTokenizer}
+    if path.suffix in kinds:
+        try:
+            return kinds[path.suffix](path)
+        except UserError:
+            raise
+        except Exception as err:  # the libraries raise their own types on a damaged file
+            raise UserError(f"tokenizer {spec!r}: cannot read it ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:120] if str(err) else 'no detail'}); "
+                            "it is damaged or not a tokenizer file: use 'byte', or train one "
+                            "with moue-train-tokenizer") from None
+    raise UserError(f"tokenizer {spec!r}: unknown kind; expected 'byte', *.json or *.model")
 
 
 def token_dtype(vocab_size: int):

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data_tools.preprocess import ensure_writable_dir
 from data_tools.readers import Document, read_records
+from parallel.errors import UserError
 
 EOD = "<|endoftext|>"
 
@@ -20,9 +22,10 @@ def train_bpe(inputs: list[str], output: str | Path, vocab_size: int = 8192, *,
               json_key: str = "text", min_frequency: int = 2, progress: bool = True) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    ensure_writable_dir(Path(output).parent, "--output")  # before the work, not after
     if vocab_size < 257 + 1:
-        raise ValueError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 258 "
-                         "(256 bytes, the end-of-document token and one merge)")
+        raise UserError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 258 "
+                        "(256 bytes, the end-of-document token and one merge)")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -33,7 +36,7 @@ def train_bpe(inputs: list[str], output: str | Path, vocab_size: int = 8192, *,
                                   desc="reading", unit=" docs") if isinstance(r, Document))
     tokenizer.train_from_iterator(texts, trainer)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(output.parent, "--output")
     temp = output.with_suffix(f".tmp-{os.getpid()}")
     tokenizer.save(str(temp))
     os.replace(temp, output)

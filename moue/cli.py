@@ -9,6 +9,8 @@ import sys
 import warnings
 
 from moue.config import load_config
+from parallel.errors import UserError
+from parallel.launch import global_rank_from_env
 
 # Megatron-Core announces its fallbacks when Transformer Engine / apex are absent (CPU machines).
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
@@ -19,9 +21,12 @@ warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_i
 PRETRAIN_EPILOG = """\
 examples:
   moue-pretrain --config examples/configs/tiny_cpu.yaml --dry-run
-  moue-pretrain --config examples/configs/tiny_cpu.yaml moe.window=8 parallel.ep=2 \\
-      --dry-run --world-size 2
+  moue-pretrain --config examples/configs/tiny_cpu.yaml moe.window=4 parallel.ep=4 \\
+      --dry-run --world-size 4
   torchrun --nproc_per_node=2 -m moue.cli --config examples/configs/tiny_cpu.yaml train.steps=50
+
+Bad input (a config value, a file, a layout) is reported once, naming the field and the fix,
+with exit status 2.
 """
 
 
@@ -30,7 +35,7 @@ def pretrain_parser() -> argparse.ArgumentParser:
         prog="moue-pretrain", description="Pretrain a Mixture-of-Universal-Experts model.",
         epilog=PRETRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (sections model, moe, parallel, "
-                        "train, data); defaults apply to what it leaves out")
+                        "train, data, checkpoint, logging); defaults apply to what it leaves out")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="dotted overrides, e.g. moe.window=8 parallel.ep=2 train.steps=100")
     parser.add_argument("--dry-run", action="store_true",
@@ -38,9 +43,17 @@ def pretrain_parser() -> argparse.ArgumentParser:
                         "exposure per expert, virtual width, reuse factor, the layout and memory "
                         "estimates, then exit")
     parser.add_argument("--world-size", type=int, default=None,
-                        help="with --dry-run: validate the layout for this many processes "
-                        "(default: $WORLD_SIZE, else 1)")
+                        help="with --dry-run: check the layout for this many processes "
+                        "(default: $WORLD_SIZE, else the smallest world the layout needs)")
     return parser
+
+
+def report_user_error(prog: str, err: UserError) -> int:
+    """Print a user error once per job (global rank 0; every rank meets the same input) and
+    return the exit status 2."""
+    if global_rank_from_env() == 0:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+    return 2
 
 
 def pretrain(argv: list[str] | None = None) -> int:
@@ -50,21 +63,15 @@ def pretrain(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from moue.dry_run import report
 
-            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            world = args.world_size or (int(os.environ["WORLD_SIZE"])
+                                        if os.environ.get("WORLD_SIZE", "").isdigit() else None)
             print(json.dumps(report(cfg, world), indent=2))
             return 0
-    except (ValueError, FileNotFoundError) as err:
-        hint = ("\n(a dry run checks the layout for --world-size N processes; default 1)"
-                if args.dry_run and args.world_size is None and "world size" in str(err) else "")
-        print(f"moue-pretrain: error: {err}{hint}", file=sys.stderr)
-        return 2
-    from moue.training import NonFiniteLoss, run
+        from moue.training.trainer import run
 
-    try:
         run(cfg)
-    except (ValueError, NonFiniteLoss) as err:
-        print(f"moue-pretrain: error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report_user_error("moue-pretrain", err)
     return 0
 
 

@@ -1,8 +1,16 @@
 """Run configuration: frozen sections loaded from YAML with dotted ``key=value`` overrides.
 
-Each section validates its own fields in ``__post_init__`` (``ValueError`` naming the field, the
-value and the fix); ``RunConfig`` checks the rules that span sections. Nothing here has side
-effects. Megatron's ``TransformerConfig`` is built from these in ``moue.megatron_config`` only.
+Every field is checked against its declared type when a section is built, whether from a file,
+an override or Python (``_Section``): ``"false"`` is not a bool and a list is not a number.
+Numbers written as strings (YAML 1.1 reads ``1e-3`` as one) are taken as the number they spell.
+The type checks are done here rather than by a validation library: the sections are a few small
+frozen dataclasses and the messages must name the field and the fix, which a hand-written check
+does in a dozen lines without a new dependency.
+
+Each section then validates its own values (``UserError`` naming the field, the value and the
+fix); ``RunConfig`` checks the rules that span sections, and builds the run's topology once
+(``RunConfig.topology``), which checks every rule of the pool's shape. Nothing here has side
+effects. Megatron's ``TransformerConfig`` is built from these in ``moue.model.megatron_config``.
 """
 
 from __future__ import annotations
@@ -14,17 +22,62 @@ from pathlib import Path
 
 import yaml
 
+from moue.model.balance import BALANCES
+from moue.model.topology import TOPOLOGIES, Topology, build_topology
+from parallel.errors import UserError
+
 
 def _check(ok: bool, name: str, value, fix: str):
     if not ok:
-        raise ValueError(f"{name}={value!r}: {fix}")
+        raise UserError(f"{name}={value!r}: {fix}")
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false",
+               "str": "a string", "list": "a list"}
+
+
+def _typed(name: str, annotation: str, value):
+    """``value`` as the declared type of field ``name``, or a ``UserError`` naming both."""
+    kinds = annotation.replace(" ", "").split("|")
+    if value is None and "None" in kinds:
+        return None
+    if isinstance(value, str) and ("int" in kinds or "float" in kinds):
+        try:  # YAML 1.1 reads 1e-3 as a string
+            value = int(value) if "int" in kinds else float(value)
+        except ValueError:
+            pass
+    ok = {"bool": lambda v: isinstance(v, bool),
+          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "str": lambda v: isinstance(v, str),
+          "list": lambda v: isinstance(v, list)}
+    if any(ok[k](value) for k in kinds if k in ok):
+        return float(value) if kinds[0] == "float" else value
+    wanted = " or ".join([_TYPE_NAMES[k] for k in kinds if k in _TYPE_NAMES]
+                         + (["null"] if "None" in kinds else []))
+    hint = " (write true or false, without quotes)" if "bool" in kinds else ""
+    raise UserError(f"{name}={value!r}: must be {wanted}{hint}")
+
+
+class _Section:
+    """A config section: type-checks every field, then runs the section's ``_validate``."""
+
+    section: str = ""
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = _typed(f"{self.section}.{f.name}", f.type, getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+        self._validate()
+
+    def _validate(self):
+        pass
 
 
 def _positive(section: str, obj, *names: str):
     for n in names:
         v = getattr(obj, n)
-        _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{section}.{n}", v,
-               "must be a positive integer")
+        _check(v >= 1, f"{section}.{n}", v, "must be a positive integer")
 
 
 def _one_of(name: str, value, choices):
@@ -32,7 +85,8 @@ def _one_of(name: str, value, choices):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(_Section):
+    section = "model"
     num_layers: int = 4
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -43,11 +97,10 @@ class ModelConfig:
     moe_layer_freq: int = 1  # every k-th layer (0, k, 2k, ...) is MoE; 0: dense, no MoE layers
     normalization: str = "RMSNorm"
 
-    def __post_init__(self):
+    def _validate(self):
         _positive("model", self, "num_layers", "hidden_size", "num_attention_heads",
                   "seq_length", "vocab_size", "ffn_hidden_size")
-        _check(isinstance(self.moe_layer_freq, int) and self.moe_layer_freq >= 0,
-               "model.moe_layer_freq", self.moe_layer_freq,
+        _check(self.moe_layer_freq >= 0, "model.moe_layer_freq", self.moe_layer_freq,
                "must be an integer >= 0 (0 builds the dense model, without MoE layers)")
         if self.num_query_groups is not None:
             _positive("model", self, "num_query_groups")
@@ -71,7 +124,8 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MoEConfig:
+class MoEConfig(_Section):
+    section = "moe"
     num_experts: int = 16  # E: the size of the pool
     expert_ffn_hidden_size: int = 64
     topk: int = 2
@@ -88,15 +142,12 @@ class MoEConfig:
     z_loss_coeff: float = 0.0
     dispatcher: str = "alltoall"  # alltoall | allgather
 
-    def __post_init__(self):
+    def _validate(self):
         _positive("moe", self, "num_experts", "expert_ffn_hidden_size", "topk", "window",
                   "stride")
         for n in ("shared_experts", "router_state_dim"):
             v = getattr(self, n)
-            _check(isinstance(v, int) and v >= 0, f"moe.{n}", v, "must be an integer >= 0")
-        from moue.balance import BALANCES
-        from moue.topology import TOPOLOGIES
-
+            _check(v >= 0, f"moe.{n}", v, "must be an integer >= 0")
         _one_of("moe.topology", self.topology, sorted(TOPOLOGIES))
         _one_of("moe.balance", self.balance, sorted(BALANCES))
         _one_of("moe.score_function", self.score_function, ("softmax", "sigmoid"))
@@ -106,20 +157,22 @@ class MoEConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ParallelConfig:
+class ParallelConfig(_Section):
+    section = "parallel"
     tp: int = 1
     pp: int = 1
     ep: int = 1
     etp: int | None = None  # None: tp when ep == 1, else 1 (see parallel.layout)
 
-    def __post_init__(self):
+    def _validate(self):
         _positive("parallel", self, "tp", "pp", "ep")
         if self.etp is not None:
             _positive("parallel", self, "etp")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(_Section):
+    section = "train"
     micro_batch_size: int = 2
     global_batch_size: int = 8
     steps: int = 100
@@ -129,27 +182,43 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | wsd
     weight_decay: float = 0.1
     clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
     seed: int = 1234
     precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16
     eval_interval: int = 50
     eval_iters: int = 4
     on_nan: str = "stop"  # stop | skip: what a NaN/Inf loss does (skip: no update, data moves on)
 
-    def __post_init__(self):
+    def _validate(self):
         _positive("train", self, "micro_batch_size", "global_batch_size", "steps")
         _one_of("train.on_nan", self.on_nan, ("stop", "skip"))
         _check(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
                self.global_batch_size,
                f"must be a multiple of train.micro_batch_size={self.micro_batch_size}")
-        _check(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.steps,
-               "train.warmup_steps", self.warmup_steps,
+        _check(0 <= self.warmup_steps < self.steps, "train.warmup_steps", self.warmup_steps,
                f"must be a whole number below train.steps={self.steps}")
         _one_of("train.schedule", self.schedule, ("cosine", "wsd"))
         _one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check(self.lr > 0, "train.lr", self.lr, "must be a positive learning rate, e.g. 3e-4")
+        _check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr,
+               f"must be between 0 and train.lr={self.lr} (the schedule decays from lr to min_lr)")
+        for n in ("adam_beta1", "adam_beta2"):
+            _check(0 <= getattr(self, n) < 1, f"train.{n}", getattr(self, n),
+                   "must be in [0, 1), e.g. 0.9 and 0.95")
+        for n in ("weight_decay", "clip_grad"):
+            _check(getattr(self, n) >= 0, f"train.{n}", getattr(self, n), "must be >= 0 (0: off)")
+        _check(self.eval_interval >= 0, "train.eval_interval", self.eval_interval,
+               "must be an integer >= 0 (0 turns evaluation off)")
+        _check(self.eval_iters >= 1 or self.eval_interval == 0, "train.eval_iters",
+               self.eval_iters, "must be at least 1 batch while train.eval_interval > 0 "
+               "(set train.eval_interval=0 to turn evaluation off)")
+        _check(self.seed >= 0, "train.seed", self.seed, "must be an integer >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataConfig:
+class DataConfig(_Section):
+    section = "data"
     path: str | None = None  # prefix of a Megatron indexed dataset (.bin/.idx)
     blend: list | None = None  # [weight, prefix, weight, prefix, ...]
     split: str = "98,2,0"
@@ -157,33 +226,59 @@ class DataConfig:
     mock: bool = False  # synthetic tokens (Megatron's mock dataset): no files needed
     seed: int | None = None  # order of the train and validation samples; None: train.seed
 
-    def __post_init__(self):
+    def _validate(self):
         _check(self.mock or self.path or self.blend, "data.path", self.path,
                "set data.path (or data.blend) to a preprocessed dataset, or data.mock=true "
                "for synthetic tokens")
+        parts = self.split.replace("/", ",").split(",")
+        try:
+            shares = [float(p) for p in parts]
+        except ValueError:
+            shares = []
+        _check(len(shares) == 3 and min(shares) >= 0 and shares[0] > 0, "data.split", self.split,
+               "must be three non-negative weights train,valid,test with train > 0, e.g. 98,2,0")
+        if self.blend is not None:
+            _check(len(self.blend) >= 2 and len(self.blend) % 2 == 0, "data.blend", self.blend,
+                   "must be a list [weight, prefix, weight, prefix, ...]")
+            for weight, prefix in zip(self.blend[::2], self.blend[1::2], strict=True):
+                _check(isinstance(weight, (int, float)) and not isinstance(weight, bool)
+                       and weight > 0 and isinstance(prefix, str), "data.blend", self.blend,
+                       "must alternate positive weights and dataset prefixes, e.g. "
+                       "[0.7, data/web, 0.3, data/code]")
+        _check(self.seed is None or self.seed >= 0, "data.seed", self.seed,
+               "must be an integer >= 0, or null for train.seed")
 
 
 @dataclass(frozen=True, kw_only=True)
-class CheckpointConfig:
+class CheckpointConfig(_Section):
+    section = "checkpoint"
     dir: str | None = None  # None: no checkpoints
     interval: int = 0  # steps between checkpoints; 0 turns periodic checkpoints off
     keep_last: int = 2
 
-    def __post_init__(self):
-        _check(isinstance(self.interval, int) and self.interval >= 0, "checkpoint.interval",
+    def _validate(self):
+        _check(self.interval >= 0, "checkpoint.interval",
                self.interval, "must be an integer >= 0 (0 turns periodic checkpoints off)")
         _positive("checkpoint", self, "keep_last")
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoggingConfig:
+class LoggingConfig(_Section):
+    section = "logging"
     dir: str = "runs/latest"  # TensorBoard events and plots
     interval: int = 1  # steps between logged lines
     metrics_file: str | None = None  # one JSON line per logged step; None: <dir>/metrics.jsonl
+    ep_balance_ranks: int = 0  # EP degree of the tokens-per-EP-rank figure; 0: the run's own
 
-    def __post_init__(self):
+    def _validate(self):
         _positive("logging", self, "interval")
+        _check(self.ep_balance_ranks >= 0, "logging.ep_balance_ranks", self.ep_balance_ranks,
+               "must be an integer >= 0 (0: the run's parallel.ep)")
 
+
+# moe fields that steer training but do not change what the weights mean: a run may resume from a
+# checkpoint with other values.
+TRAINING_KNOBS = ("balance", "balance_coeff", "aux_free_rate", "z_loss_coeff", "dispatcher")
 
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig,
             "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
@@ -201,36 +296,42 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
-        moe = self.moe
+        for name, cls in SECTIONS.items():
+            _check(isinstance(getattr(self, name), cls), name, getattr(self, name),
+                   f"must be a {cls.__name__}")
+        topology = None
         if self.model.dense:  # the moe section is not used
             _check(self.parallel.ep == 1, "parallel.ep", self.parallel.ep,
                    "the dense model (model.moe_layer_freq=0) has no experts to split; "
                    "use parallel.ep=1 (its ranks then do data parallelism)")
-            return
-        if moe.topology == "rotational":
-            _check(moe.window <= moe.num_experts, "moe.window", moe.window,
-                   f"the window cannot be larger than the pool (moe.num_experts="
-                   f"{moe.num_experts}); use moe.window<={moe.num_experts}")
-            _check(moe.topk <= moe.window, "moe.topk", moe.topk,
-                   f"top-k cannot exceed the window (moe.window={moe.window})")
-        self.topology()  # builds and validates the eligibility mask (standard: E = L*N)
+        else:  # built once per run; checks every rule of the pool's shape
+            moe = self.moe
+            ranks = self.logging.ep_balance_ranks
+            _check(not ranks or moe.num_experts % ranks == 0, "logging.ep_balance_ranks", ranks,
+                   f"must divide moe.num_experts={moe.num_experts} (or 0 for parallel.ep)")
+            topology = build_topology(moe.topology, num_layers=len(self.model.moe_layers),
+                                      num_experts=moe.num_experts, topk=moe.topk,
+                                      window=moe.window, stride=moe.stride)
+        object.__setattr__(self, "_topology", topology)  # not a field: asdict/eq ignore it
 
     @property
     def data_seed(self) -> int:
         """Seed of the sample order: ``data.seed``, else ``train.seed`` (Megatron-LM's one seed)."""
         return self.train.seed if self.data.seed is None else self.data.seed
 
-    def topology(self):
-        """The eligibility topology of the MoE layers; None for the dense model."""
-        from moue.topology import build_topology
-
-        if self.model.dense:
-            return None
-
-        return build_topology(self.moe, num_moe_layers=len(self.model.moe_layers))
+    def topology(self) -> Topology | None:
+        """The eligibility topology of the MoE layers (built once); None for the dense model."""
+        return self._topology
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def architecture(self) -> dict:
+        """The fields that decide what the weights are and mean: a checkpoint loads only into a
+        run with the same ones. The rest (balance, dispatcher, learning rate, ...) may change
+        when a run resumes."""
+        moe = {k: v for k, v in dataclasses.asdict(self.moe).items() if k not in TRAINING_KNOBS}
+        return {"model": dataclasses.asdict(self.model), "moe": moe}
 
 
 def _nearest(key: str, valid, prefix: str = "") -> str:
@@ -243,55 +344,58 @@ def _nearest(key: str, valid, prefix: str = "") -> str:
 def _set_dotted(tree: dict, dotted: str, value):
     section, _, key = dotted.partition(".")
     if section not in SECTIONS:
-        raise ValueError(f"unknown config section {section!r} in {dotted!r}"
-                         f"{_nearest(section, SECTIONS)}")
+        raise UserError(f"unknown config section {section!r} in {dotted!r}"
+                        f"{_nearest(section, SECTIONS)}")
     if not key or "." in key:
-        raise ValueError(f"override {dotted!r}: use section.key=value, e.g. moe.window=8")
+        raise UserError(f"override {dotted!r}: use section.key=value, e.g. moe.window=8")
     tree.setdefault(section, {})[key] = value
-
-
-def _coerce(name: str, annotation: str, value):
-    """YAML reads ``1e-3`` as a string (YAML 1.1 wants ``1.0e-3``): take numbers as declared."""
-    kinds = annotation.replace(" ", "").split("|")
-    if isinstance(value, bool) or value is None:
-        return value
-    try:
-        if "float" in kinds and isinstance(value, (int, str)):
-            return float(value)
-        if "int" in kinds and isinstance(value, str):
-            return int(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r}: must be a number") from None
-    return value
 
 
 def _build_section(name: str, values: dict):
     cls = SECTIONS[name]
-    types = {f.name: f.type for f in fields(cls)}
+    names = [f.name for f in fields(cls)]
     for key in values:
-        if key not in types:
-            raise ValueError(f"unknown key {name}.{key}{_nearest(key, types, f'{name}.')}")
-    return cls(**{k: _coerce(f"{name}.{k}", types[k], v) for k, v in values.items()})
+        if key not in names:
+            raise UserError(f"unknown key {name}.{key}{_nearest(str(key), names, f'{name}.')}")
+    return cls(**values)
+
+
+def _parse_yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{where}: not valid YAML{at}: {problem}; fix the syntax (a mapping of "
+                        "sections, e.g. 'moe:' then indented 'window: 8')") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Load a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
     tree: dict = {}
     if path is not None:
-        text = Path(path).read_text()
-        tree = yaml.safe_load(text) or {}
+        try:
+            text = Path(path).read_text()
+        except (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+            raise UserError(f"--config {path}: cannot read it ({type(err).__name__}); give the "
+                            "path of a YAML config, e.g. examples/configs/tiny_cpu.yaml") from None
+        tree = _parse_yaml(text, str(path)) or {}
         if not isinstance(tree, dict):
-            raise ValueError(f"{path}: a config file is a mapping of sections (model:, moe:, ...)")
+            raise UserError(f"{path}: a config file is a mapping of sections (model:, moe:, ...)")
         for section, values in tree.items():
             if section not in SECTIONS:
-                raise ValueError(f"{path}: unknown section {section!r}{_nearest(section, SECTIONS)}")
-            if not isinstance(values, dict):
-                raise ValueError(f"{path}: section {section!r} must be a mapping of keys")
+                raise UserError(f"{path}: unknown section {section!r}"
+                                f"{_nearest(str(section), SECTIONS)}")
+            if values is None:
+                tree[section] = {}
+            elif not isinstance(values, dict):
+                raise UserError(f"{path}: section {section!r} must be a mapping of keys")
     for item in overrides:
         dotted, eq, raw = item.partition("=")
         if not eq:
-            raise ValueError(f"override {item!r}: use section.key=value, e.g. moe.window=8")
-        _set_dotted(tree, dotted.strip(), yaml.safe_load(raw))
+            raise UserError(f"override {item!r}: use section.key=value, e.g. moe.window=8")
+        _set_dotted(tree, dotted.strip(), _parse_yaml(raw, f"override {item!r}"))
     sections = {name: _build_section(name, values) for name, values in tree.items()}
     if "data" not in sections:
         sections["data"] = DataConfig(mock=True)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from parallel.errors import UserError
 from parallel.layout import ParallelLayout
 
 
@@ -47,7 +48,7 @@ def _int_env(env, name: str) -> int:
     try:
         return int(env[name])
     except ValueError as err:
-        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer; "
+        raise UserError(f"environment variable {name}={env[name]!r} is not an integer; "
                          "check the launcher's command line") from err
 
 
@@ -72,13 +73,23 @@ def read_launch_env(env: dict | None = None) -> LaunchEnv:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", ""))
         if _int_env(env, "SLURM_NTASKS") > 1 and "MASTER_ADDR" not in env:
-            raise RuntimeError(
+            raise UserError(
                 f"srun without torchrun: set MASTER_ADDR to the first host of {nodes!r} "
                 "(e.g. MASTER_ADDR=$(scontrol show hostnames | head -n1)), or install moue[mpi]."
             )
         return _from_variables(env, "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "slurm")
     return LaunchEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1",
                      master_port=_free_port(), launcher="single")
+
+
+def global_rank_from_env(env=None) -> int:
+    """This process's rank as its launcher announces it (torchrun, Open MPI / PMI, SLURM), read
+    without starting anything; 0 for a lone process."""
+    env = os.environ if env is None else env
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return 0
 
 
 _MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
@@ -109,29 +120,31 @@ def resolve_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested not in ("cpu", "cuda"):
-        raise ValueError(f"device={requested!r}: use 'auto', 'cpu' or 'cuda'.")
+        raise UserError(f"device={requested!r}: use 'auto', 'cpu' or 'cuda'.")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'.")
+        raise UserError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'.")
     return torch.device(requested)
 
 
 def init_distributed(
+    layout: ParallelLayout | None = None,
     *,
-    tp: int = 1,
-    pp: int = 1,
-    ep: int = 1,
-    etp: int = 1,
     device: str = "auto",
     timeout_minutes: float = 10,
     env: LaunchEnv | None = None,
 ) -> ParallelLayout:
     """Start torch.distributed and Megatron's parallel state for this process; returns the layout.
 
-    The layout is validated against the real world size *before* any process group is created,
-    so a bad combination fails with a clear message on every rank instead of a hang.
+    ``layout`` (default: pure data parallelism) must have been validated for the world size the
+    launcher reports (``moue.run_check`` does so before calling this), so a bad combination
+    fails with a clear message on every rank before any process group exists.
     """
     env = env or read_launch_env()
-    layout = ParallelLayout(world_size=env.world_size, tp=tp, pp=pp, ep=ep, etp=etp)
+    layout = layout or ParallelLayout(world_size=env.world_size)
+    if layout.world_size != env.world_size:
+        raise UserError(f"the layout is for {layout.world_size} processes but the launcher "
+                        f"({env.launcher}) started {env.world_size}; launch "
+                        f"{layout.world_size} processes or change parallel.*")
     dev = resolve_device(device)
     if dev.type == "cpu":
         from parallel import cpu_backend

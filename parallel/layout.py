@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from parallel.errors import UserError
+
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -45,16 +47,21 @@ class ParallelLayout:
     ep: int = 1
     etp: int | None = None  # None: tp when ep == 1, else 1 (see the module docstring)
 
+    @staticmethod
+    def default_etp(tp: int, ep: int) -> int:
+        """etp when the config leaves it out: tp when ep == 1, else 1 (module docstring)."""
+        return tp if ep == 1 else 1
+
     def __post_init__(self):
         if self.etp is None:
-            object.__setattr__(self, "etp", self.tp if self.ep == 1 else 1)
+            object.__setattr__(self, "etp", self.default_etp(self.tp, self.ep))
         for name in ("world_size", "tp", "pp", "ep", "etp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 field = name if name == "world_size" else f"parallel.{name}"
-                raise ValueError(f"{field}={value!r} must be a positive integer (1 turns it off).")
+                raise UserError(f"{field}={value!r} must be a positive integer (1 turns it off).")
         if self.ep == 1 and self.etp < self.tp:
-            raise ValueError(
+            raise UserError(
                 f"parallel.etp={self.etp} < parallel.tp={self.tp} with parallel.ep=1: Megatron-Core "
                 "reduces expert gradients only over the data-parallel group when ep=1, so expert "
                 "replicas on different tensor-parallel ranks would get partial gradients. Use "
@@ -63,7 +70,7 @@ class ParallelLayout:
         dense = self.tp * self.pp
         if self.world_size % dense:
             fits = [t for t in _divisors(self.world_size) if self.world_size % (t * self.pp) == 0]
-            raise ValueError(
+            raise UserError(
                 f"parallel.tp={self.tp} x parallel.pp={self.pp} = {dense} does not divide the "
                 f"world size {self.world_size}: the data-parallel degree world/(tp*pp) must be a "
                 f"whole number. With pp={self.pp}, tp may be one of {fits or 'none'}; "
@@ -72,7 +79,7 @@ class ParallelLayout:
         expert = self.etp * self.ep * self.pp
         if self.world_size % expert:
             fits = [e for e in _divisors(self.world_size) if self.world_size % (self.etp * e * self.pp) == 0]
-            raise ValueError(
+            raise UserError(
                 f"parallel.etp={self.etp} x parallel.ep={self.ep} x parallel.pp={self.pp} = "
                 f"{expert} does not divide the world size {self.world_size}: expert ranks are "
                 f"laid out as etp*ep*pp*edp. With etp={self.etp} and pp={self.pp}, ep may be one "
@@ -124,7 +131,7 @@ class ParallelLayout:
             value = getattr(self, degree)
             if total is not None and total % value:
                 valid = [v for v in _divisors(total) if self._fits_world(degree, v)]
-                raise ValueError(
+                raise UserError(
                     f"parallel.{degree}={value} does not divide {field}={total}: {why}. "
                     f"Valid values: {', '.join(map(str, valid)) or 'none'}."
                 )

@@ -1,6 +1,7 @@
-"""A small training harness for the equivalence tests: Megatron DDP, its optimizer, its schedules.
+"""A small training harness for the equivalence tests, on the Trainer's engine.
 
-``train(build_fn, layout)`` trains any GPTModel a builder returns. ``megatron_builder`` gives the
+``train(build_fn, layout)`` trains any GPTModel a builder returns with ``moue.training.engine``
+(Megatron DDP, its distributed optimizer, its schedules: what ``moue-pretrain`` steps). ``megatron_builder`` gives the
 reference workload of the foundation tests: pure Megatron-Core GPT with MoE (no MoUE code), so
 that a difference between layouts is a fault of the parallel stack or of the CPU backend.
 
@@ -16,15 +17,14 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.models.gpt import GPTModel
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from moue.layer_specs import local_gpt_block_spec
+from moue.config import TrainConfig
+from moue.model.layer_specs import local_gpt_block_spec
+from moue.training.engine import build_engine
 from parallel.launch import init_model_parallel, seed_everything
 from parallel.layout import ParallelLayout
 from parallel.reduce import step_mean, tracked_moe_values
@@ -157,56 +157,49 @@ def megatron_builder(shape: TinyGPT):
     return build_fn
 
 
+def engine_settings(lr: float) -> TrainConfig:
+    """The tests' optimizer: Adam at a constant ``lr`` (min_lr = lr, no warmup), weight decay
+    0.01, clipping at 1.0, betas (0.9, 0.999)."""
+    return TrainConfig(lr=lr, min_lr=lr, warmup_steps=0, steps=1000, weight_decay=0.01,
+                       clip_grad=1.0, adam_beta1=0.9, adam_beta2=0.999)
+
+
 def build(build_fn, layout: ParallelLayout, *, lr: float = 1e-2,
           distributed_optimizer: bool = True, seed: int = 7, fill=fill_by_global_key):
+    """The model of ``build_fn`` on the Trainer's own engine (``moue.training.engine``)."""
     init_model_parallel(layout)
     seed_everything(seed)
     built = build_fn(layout, seed)
     built.model.to(_device())
     fill(built.model, seed)
-    config = built.config
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer)
-    model = DistributedDataParallel(config, ddp_config, module=built.model)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.01, clip_grad=1.0,
-                        use_distributed_optimizer=distributed_optimizer,
-                        params_dtype=torch.float32),
-        [model])
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = model.no_sync
-    config.grad_scale_func = optimizer.scale_loss
-    return model, optimizer, built
+    engine = build_engine(built.model, built.config, engine_settings(lr),
+                          distributed_optimizer=distributed_optimizer)
+    return engine, built
 
 
 def train(build_fn, layout: ParallelLayout, steps: int = 3, **build_kwargs) -> dict:
     """Train ``steps`` steps; returns the loss history and the grad norm of every step."""
-    model, optimizer, built = build(build_fn, layout, **build_kwargs)
+    engine, built = build(build_fn, layout, **build_kwargs)
     data = built.data
-    dp = parallel_state.get_data_parallel_world_size()
-    num_micro = data.global_batch_size // (data.micro_batch_size * dp)
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    num_micro = data.global_batch_size // (data.micro_batch_size * pg.dp.size())
     losses, grad_norms, balance = [], [], []
     clear_aux_losses_tracker()
     for step in range(steps):
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        schedule_kwargs = {}
-        if built.pipeline_shapes is not None and layout.pp > 1:
-            schedule_kwargs["adjust_tensor_shapes_fn"] = built.pipeline_shapes
-        step_losses = get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=_microbatches(data, step),
-            model=[model], num_microbatches=num_micro, seq_length=data.seq_length,
-            micro_batch_size=data.micro_batch_size, forward_only=False, **schedule_kwargs)
-        ok, grad_norm, _ = optimizer.step()
+        step_losses = engine.forward_backward(
+            _forward_step, _microbatches(data, step), num_microbatches=num_micro,
+            seq_length=data.seq_length, micro_batch_size=data.micro_batch_size,
+            adjust_tensor_shapes_fn=built.pipeline_shapes if layout.pp > 1 else None)
+        ok, grad_norm, _ = engine.optimizer_step()
         if not ok:
             raise RuntimeError(f"optimizer step {step} was skipped")
         if built.after_step is not None:
             built.after_step()
-        losses.append(step_mean(step_losses, "lm loss", _device()))
-        grad_norms.append(float(grad_norm))
-        balance.append(sum(tracked_moe_values(num_micro).get("balance_loss", [])))
+        losses.append(step_mean(step_losses, "lm loss", _device(), pg))
+        grad_norms.append(grad_norm)
+        balance.append(sum(tracked_moe_values(num_micro, pg).get("balance_loss", [])))
     return {"losses": losses, "grad_norms": grad_norms, "balance_loss": balance,
-            "model": model}
+            "model": engine.model}
 
 
 LAYOUTS = {  # name -> (tp, pp, ep) on two processes; etp takes the layout's default

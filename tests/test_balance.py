@@ -4,15 +4,14 @@ import pytest
 import torch
 from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
 
-from moue.balance import BALANCES, build_balance, switch_loss, uelb_loss
-from moue.config import MoEConfig
-from moue.topology import build_topology
+from moue.model.balance import BALANCES, build_balance, switch_loss, uelb_loss
+from moue.model.topology import build_topology
 
 pytestmark = pytest.mark.compat
 
 
-def _topo(**moe):
-    return build_topology(MoEConfig(**moe), num_moe_layers=4)
+def _topo(topology="rotational", **numbers):
+    return build_topology(topology, num_layers=4, **numbers)
 
 
 def _random_routing(mask_LE, seed=0):

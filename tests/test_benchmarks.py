@@ -14,12 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_speed_benchmark_runs_and_reports_ratios(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run([sys.executable, "benchmarks/speed.py", "--nproc", "1", "--steps", "2",
-                           "--variants", "a", "b", "--json", str(out)],
+                           "--variants", "a", "b", "m", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["a", "b"]
+    assert [r["variant"] for r in rows] == ["a", "b", "m"]
     assert all(r["step_s"] > 0 and r["peak_bytes"] > 0 and len(r["times"]) == 2 for r in rows)
     low, high = rows[1]["ratio_iqr"]
     assert low <= rows[1]["ratio"] <= high and rows[0]["ratio"] == 1.0 and rows[1]["paired"]

@@ -124,7 +124,7 @@ def test_unknown_tokenizer_and_missing_input_are_clear(tmp_path):
 
 def test_a_run_killed_midway_leaves_no_dataset_under_the_final_name(tmp_path, corpus, bpe):
     prefix = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "data_tools.cli_preprocess_entry", "--input",
+    cmd = [str(Path(sys.executable).parent / "moue-preprocess"), "--input",
            *[str(corpus.train)] * 4, "--output-prefix", str(prefix), "--tokenizer", str(bpe),
            "--quiet"]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stderr=subprocess.PIPE)

@@ -42,12 +42,25 @@ def test_world_size_validates_the_planned_layout(capsys):
     out = _dry_run(capsys, "--config", "examples/configs/tiny_cpu.yaml", "parallel.pp=2",
                    "--world-size", "8")
     assert out["layout"]["dp"] == 4 and out["layout"]["edp"] == 2
-    assert pretrain(["--config", "examples/configs/tiny_cpu.yaml", "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert "does not divide the world size 1" in err and "--world-size" in err
     assert pretrain(["--config", "examples/configs/tiny_cpu.yaml", "parallel.ep=3", "--dry-run",
                      "--world-size", "6"]) == 2
     assert "parallel.ep=3 does not divide moe.num_experts=16" in capsys.readouterr().err
+
+
+def test_without_a_world_size_the_smallest_world_of_the_layout_is_checked(capsys):
+    """tiny_cpu.yaml has ep=2: it dry-runs on 2 processes (the --help example)."""
+    assert _dry_run(capsys, "--config", "examples/configs/tiny_cpu.yaml")["layout"]["world_size"] == 2
+    out = _dry_run(capsys, "--config", "examples/configs/tiny_cpu.yaml", "parallel.tp=2",
+                   "parallel.pp=2", "parallel.ep=4", "parallel.etp=1")
+    assert out["layout"]["world_size"] == 8  # lcm(tp*pp = 4, etp*ep*pp = 8)
+
+
+def test_the_batch_split_is_checked_by_the_dry_run_as_at_launch(capsys):
+    """global batch 16 of micro-batches of 4 cannot split over 3 data-parallel ranks."""
+    assert pretrain(["--config", "examples/configs/tiny_cpu.yaml", "parallel.ep=1", "--dry-run",
+                     "--world-size", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.global_batch_size=16 must be a multiple of" in err and "4 x 3" in err
 
 
 def test_help_exits_cleanly(capsys):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from parallel.errors import UserError
 from parallel.launch import read_launch_env, resolve_device
 
 pytestmark = pytest.mark.compat
@@ -23,7 +24,7 @@ def test_slurm_environment_without_torchrun():
 
 
 def test_slurm_multi_task_without_master_addr_says_how_to_set_it():
-    with pytest.raises(RuntimeError, match="set MASTER_ADDR"):
+    with pytest.raises(UserError, match="set MASTER_ADDR"):
         read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n[1-2]"})
 
 
@@ -33,15 +34,15 @@ def test_plain_process_is_a_world_of_one():
 
 
 def test_bad_integer_names_the_variable():
-    with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
+    with pytest.raises(UserError, match="WORLD_SIZE='two'"):
         read_launch_env({"RANK": "0", "WORLD_SIZE": "two"})
 
 
 def test_device_resolution():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ValueError, match="device='tpu'"):
+    with pytest.raises(UserError, match="device='tpu'"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        with pytest.raises(UserError, match="no CUDA GPU"):
             resolve_device("cuda")

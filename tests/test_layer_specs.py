@@ -5,7 +5,7 @@ import torch
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from moue.layer_specs import SequenceParallelTorchNorm
+from moue.model.layer_specs import SequenceParallelTorchNorm
 
 pytestmark = pytest.mark.compat
 

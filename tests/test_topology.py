@@ -3,14 +3,13 @@
 import pytest
 import torch
 
-from moue.config import MoEConfig
-from moue.topology import TOPOLOGIES, build_topology
+from moue.model.topology import TOPOLOGIES, build_topology
 
 pytestmark = pytest.mark.compat
 
 
-def _topo(layers=4, **moe):
-    return build_topology(MoEConfig(**moe), num_moe_layers=layers)
+def _topo(layers=4, topology="rotational", **numbers):
+    return build_topology(topology, num_layers=layers, **numbers)
 
 
 def test_rotational_windows_overlap_by_w_minus_s_and_wrap_around_the_ring():
@@ -51,7 +50,7 @@ def test_uniform_share_is_exposure_normalised_and_sums_to_one():
 def test_bad_shapes_are_rejected_with_the_fix():
     with pytest.raises(ValueError, match="moe.num_experts=10: the standard topology.*multiple of 4"):
         _topo(num_experts=10, topology="standard", topk=2)
-    with pytest.raises(ValueError, match="moe.window=20: larger than the pool"):
+    with pytest.raises(ValueError, match="moe.window=20: the window cannot be larger than the pool"):
         _topo(num_experts=16, topology="rotational", window=20, stride=4, topk=2)
     with pytest.raises(ValueError, match="moe.topk=5: larger than the window of 4"):
         _topo(num_experts=16, topology="standard", topk=5)

@@ -121,14 +121,19 @@ def test_checkpoint_saved_with_pp2_loads_with_ep2_and_one_process(tmp_path_facto
 
 
 def test_sigkill_after_a_checkpoint_then_the_same_command_resumes_exactly(tmp_path):
-    """moue-pretrain under torchrun, SIGKILLed (whole process group) once a checkpoint exists;
-    the same command again resumes from it, and every later step equals an uninterrupted run."""
+    """moue-pretrain under torchrun, SIGKILLed once a checkpoint exists - every process of the
+    job, as a scheduler kills it (torchrun starts its workers in sessions of their own, so its
+    process group alone would leave them training). While it lives, a second run on the same
+    directories is refused, naming the holder; after the kill the lock is gone, and the same
+    command resumes, every later step equal to an uninterrupted run's."""
     import json
     import os
     import signal
     import subprocess
     import sys
     import time
+
+    import psutil
 
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
 
@@ -151,8 +156,17 @@ def test_sigkill_after_a_checkpoint_then_the_same_command_resumes_exactly(tmp_pa
     latest, deadline = tmp_path / "ckpt" / "latest", time.time() + 240
     while not latest.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for process in job:  # frozen, so that it is still alive while a second run tries
+        process.send_signal(signal.SIGSTOP)
+    second = subprocess.run(command("second", *ckpt), env=env, capture_output=True, text=True)
+    for process in job:  # the whole job, as SLURM or a node failure ends it
+        process.send_signal(signal.SIGKILL)
     proc.wait()
+    # The workers exit 2; torchrun then reports a failed job (exit 1) with their exit code.
+    assert second.returncode != 0 and "exitcode  : 2" in second.stderr, second.stderr[-2000:]
+    assert second.stderr.count("is in use by a live run") == 1, second.stderr[-2000:]  # once
+    assert any(f'"pid": {p.pid}' in second.stderr for p in job)  # names the holder
     resumed_from = int(latest.read_text().strip().split("_")[1])
     assert resumed_from < 8, "the run finished before it could be killed"
     again = subprocess.run(command("killed", *ckpt), env=env, capture_output=True, text=True)
@@ -162,7 +176,7 @@ def test_sigkill_after_a_checkpoint_then_the_same_command_resumes_exactly(tmp_pa
     assert later and all(got[s] == expected[s] for s in later), (resumed_from, got, expected)
     rows = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(r)["step"] for r in rows]
-    assert steps == sorted(set(steps)), steps  # each step once, despite the crash
+    assert steps == list(range(1, 9)), steps  # each step once, despite the crash
 
 
 def test_non_finite_loss_stops_naming_the_step_or_is_skipped():

@@ -5,7 +5,7 @@ from functools import partial
 import torch
 from megatron.core import parallel_state
 
-from moue.model import set_topk
+from moue.model.builder import set_topk
 from parallel.launch import init_model_parallel, seed_everything
 from tests.distributed import Cases
 from tests.megatron_gpt import (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-import moue.training as training
+import moue.training.trainer as training
 from moue.config import load_config
 from parallel.launch import init_model_parallel
 from parallel.layout import ParallelLayout

@@ -1,4 +1,4 @@
-"""Cases: moue-pretrain's training loop (moue.training) under parallel layouts."""
+"""Cases: moue-pretrain's training loop (moue.training.trainer) under parallel layouts."""
 
 import json
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from moue.config import load_config
-from moue.training import train
+from moue.training.trainer import train
 from parallel.launch import init_model_parallel
 from parallel.layout import ParallelLayout
 from tests.distributed import Cases
@@ -56,8 +56,8 @@ def _losses(path: Path) -> dict:
 
 def _resume_case(name: str, interrupt: str) -> dict:
     """Uninterrupted 4 steps vs. interrupted after step 2 (how: ``interrupt``) and resumed."""
-    import moue.checkpoint as checkpoint
-    import moue.training as training
+    import moue.training.checkpoint as checkpoint
+    import moue.training.trainer as training
 
     tp, pp, ep = LAYOUTS[name]
     world = torch.distributed.get_world_size()
@@ -114,7 +114,7 @@ CASES.add("resume[ep2,sigterm]", partial(_resume_case, "ep2", "sigterm"), nproc=
 
 def _nan_at_step_2(on_nan: str) -> dict:
     """The loss of step 2 reads NaN: stop names the step; skip leaves the weights untouched."""
-    import moue.training as training
+    import moue.training.trainer as training
 
     base = Path(tempfile.gettempdir()) / f"moue-nan-{os.environ['MASTER_PORT']}" / on_nan
     cfg = load_config(CONFIG, [*RESUME, "parallel.ep=1", f"train.on_nan={on_nan}",

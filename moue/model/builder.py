@@ -17,18 +17,20 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from moue.balance import Balance, build_balance
-from moue.config import RunConfig
-from moue.layer_specs import local_gpt_block_spec, moue_block_spec
-from moue.pool import UniversalEmbedding, shared_pool_factory
-from moue.router import SharedRouting, UniversalRouter
+from moue.config import ModelConfig, MoEConfig
+from moue.model.balance import Balance, build_balance
+from moue.model.layer_specs import local_gpt_block_spec, moue_block_spec
+from moue.model.pool import UniversalEmbedding, shared_pool_factory
+from moue.model.router import SharedRouting, UniversalRouter
+from moue.model.topology import Topology
 from parallel.pool_sync import broadcast_replicas, mark_pipeline_replicas
 
 
-def build_model(cfg: RunConfig, config: TransformerConfig, pg_collection) -> GPTModel:
-    """The MoUE GPT of ``cfg`` for this rank's pipeline stage (Megatron's dense GPT when
-    ``model.moe_layer_freq=0``: the baseline with the same layers and no experts)."""
-    model_cfg, moe = cfg.model, cfg.moe
+def build_model(model_cfg: ModelConfig, moe: MoEConfig, topology: Topology | None,
+                config: TransformerConfig, pg_collection) -> GPTModel:
+    """The MoUE GPT for this rank's pipeline stage (Megatron's dense GPT when
+    ``model.moe_layer_freq=0``, ``topology`` None: the baseline with the same layers and no
+    experts). ``topology`` is the run's one (``RunConfig.topology()``)."""
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     gpt = partial(GPTModel, config=config, vocab_size=model_cfg.vocab_size,
                   max_sequence_length=model_cfg.seq_length, pre_process=pp_rank == 0,
@@ -36,13 +38,6 @@ def build_model(cfg: RunConfig, config: TransformerConfig, pg_collection) -> GPT
                   position_embedding_type="rope", pg_collection=pg_collection)
     if model_cfg.dense:
         return gpt(transformer_layer_spec=local_gpt_block_spec(config, None))
-    layers_per_stage = model_cfg.num_layers // pp_size
-    if layers_per_stage % model_cfg.moe_layer_freq:
-        raise ValueError(
-            f"model.moe_layer_freq={model_cfg.moe_layer_freq} must divide the "
-            f"{layers_per_stage} layers of each pipeline stage (parallel.pp={pp_size}): every "
-            "stage holds a replica of the pool and needs MoE layers of its own")
-    topology = cfg.topology()
     embedding = (UniversalEmbedding(moe.num_experts, moe.router_state_dim, config.init_method,
                                     config.sequence_parallel)
                  if moe.router_state_dim else None)

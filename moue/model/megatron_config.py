@@ -2,11 +2,13 @@
 
 Decisions made here (docs/configuration.md):
 - Megatron's own load-balancing loss is off (``moe_router_load_balancing_type="none"``): the pool's
-  balance (``moue.balance``) replaces it; Megatron's would normalise by E, not by the window.
+  balance (``moue.model.balance``) replaces it; Megatron's would normalise by E, not by the window.
 - The router computes in fp32 (``moe_router_dtype="fp32"``) whatever the model precision.
 - The dense model (``model.moe_layer_freq=0``) sets none of the ``moe_*`` fields.
 - Biases off (``add_bias_linear=False``): Megatron's MoE biases need ETP=1 and break PP=2/EP=1.
-- Dropout 0 and kernel fusions that need CUDA or torch.compile off on CPU.
+- Dropout 0; kernel fusions (bias-activation, RoPE, masked softmax, gradient-accumulation
+  fusion) are off on every device for now: they need CUDA kernels, Transformer Engine or
+  torch.compile, and the GPU path that turns them on has not landed yet.
 - With pipeline parallelism, pool and U replicas are summed across stages by Megatron's
   ``_allreduce_conditional_embedding_grads`` (``has_cond_embedder=True``; see parallel.pool_sync).
 """
@@ -16,12 +18,11 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from moue.config import RunConfig
+from moue.config import ModelConfig, MoEConfig
 from parallel.layout import ParallelLayout
 
 
-def _moe_fields(cfg: RunConfig) -> dict:
-    model, moe = cfg.model, cfg.moe
+def _moe_fields(model: ModelConfig, moe: MoEConfig) -> dict:
     return dict(
         moe_layer_freq=model.moe_layer_freq,
         num_moe_experts=moe.num_experts, moe_router_topk=moe.topk,
@@ -36,15 +37,15 @@ def _moe_fields(cfg: RunConfig) -> dict:
     )
 
 
-def transformer_config(cfg: RunConfig, layout: ParallelLayout, *, device: torch.device,
+def transformer_config(model: ModelConfig, moe: MoEConfig, layout: ParallelLayout, *,
+                       device: torch.device,
                        params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    model = cfg.model
     on_gpu = device.type == "cuda"
     config = TransformerConfig(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
         ffn_hidden_size=model.ffn_hidden_size, normalization=model.normalization,
-        **({} if model.dense else _moe_fields(cfg)),
+        **({} if model.dense else _moe_fields(model, moe)),
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
         sequence_parallel=layout.sequence_parallel,

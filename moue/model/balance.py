@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from moue.topology import Topology
+from moue.model.topology import Topology
 
 BALANCES: dict[str, type[Balance]] = {}
 

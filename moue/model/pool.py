@@ -93,7 +93,7 @@ def shared_pool_factory(experts_spec):
     A class (Megatron's ``build_module`` returns plain functions uncalled), one per model build.
     """
 
-    from moue.layer_specs import submodules_of
+    from moue.model.layer_specs import submodules_of
 
     class SharedPool:
         pool: ExpertPool | None = None

@@ -71,11 +71,11 @@ def moue_block_spec(config: TransformerConfig, *, moe_layer_freq: int, state_dim
     layers and dense layers between them, all carrying the trajectory state.
 
     ``router`` is the ``MoESubmodules.router`` builder, ``experts_factory`` the class returning
-    the stage's one pool (``moue.pool.shared_pool_factory``).
+    the stage's one pool (``moue.model.pool.shared_pool_factory``).
     """
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from moue.layer import MoUETransformerLayer
+    from moue.model.layer import MoUETransformerLayer
 
     def layer_spec(is_moe: bool) -> ModuleSpec:
         spec = _replace_norms(get_gpt_layer_local_spec(

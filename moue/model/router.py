@@ -11,13 +11,13 @@ Per MoE layer ``l`` (DESIGN.md section 2)::
 ``W_l`` [W, h] is this layer's own weight, ``U`` [E, d] the universal expert-embedding table
 shared by all layers, ``r`` [s, b, d] the token's trajectory state (``r_0 = 0``). Score function,
 pre-/post-softmax top-k, z-loss and top-k scaling are Megatron's. The balance loss is the pool's
-(``moue.balance``), not Megatron's per-layer aux loss (which would normalise by E, not W).
+(``moue.model.balance``), not Megatron's per-layer aux loss (which would normalise by E, not W).
 
 Per step, elastic training may set ``expert_mask_E`` (experts kept; None = all) and the top-k
 (``moue.model.set_topk``, which also resizes Megatron's dispatchers).
 
 The state enters through ``state_in`` and leaves through ``state_out``, set by
-``moue.layer.MoUETransformerLayer`` around the MoE forward. That is safe without recompute and
+``moue.model.layer.MoUETransformerLayer`` around the MoE forward. That is safe without recompute and
 under full recompute (the layer, state included, is what is recomputed). It would not be safe
 under Megatron's selective ``moe`` recompute, which checkpoints only the MoE layer's own inputs:
 when recompute options are added, that one must be refused while the state is on.
@@ -38,9 +38,9 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
-from moue.balance import Balance
-from moue.pool import UniversalEmbedding, megatron_to_pool
-from moue.topology import Topology
+from moue.model.balance import Balance
+from moue.model.pool import UniversalEmbedding, megatron_to_pool
+from moue.model.topology import Topology
 
 MASKED = -1.0e9  # behaves as -inf in fp32 softmax/sigmoid without producing NaNs
 
@@ -103,7 +103,7 @@ class UniversalRouter(TopKRouter):
         if self.state_dim:
             if self.state_in is None:
                 raise RuntimeError("UniversalRouter: the trajectory state was not set; the router "
-                                   "runs inside moue.layer.MoUETransformerLayer")
+                                   "runs inside moue.model.layer.MoUETransformerLayer")
             u_WD = self.shared.embedding.weight[self.eligible_W].float()
             logits_sbW = logits_sbW + self.state_in.float() @ u_WD.t()
         logits_sbE = logits_sbW.new_full((*logits_sbW.shape[:-1], self.shared.topology.num_experts),

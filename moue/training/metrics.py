@@ -1,25 +1,51 @@
-"""Run logging: one JSON line per logged step, TensorBoard, and PNG plots at the end.
+"""What a run measures each step, and where it goes: metrics.jsonl, TensorBoard, PNG plots.
+
+``step_figures`` turns a step's raw outputs (loss, grad norm, the pool's [L, E] assignment
+counts, Megatron's aux-loss tracker) into the logged figures; ``StepClock`` times a step
+(tokens/s, TFLOP/s, MFU); ``MetricsLogger`` writes one JSON line per logged step and TensorBoard.
 
 TensorBoard keys follow Megatron-LM where one exists (``lm loss``, ``learning-rate``,
 ``grad-norm``, ``iteration-time``, ``throughput``, ``lm loss validation``, ``lm loss validation
-ppl``); MoUE adds ``moue/balance-loss``, ``moue/pool-load-max-over-mean``,
-``moue/pool-load-cv`` and a per-layer x per-expert load heatmap image (``moue/expert-load``).
-Only one rank writes (``parallel.reduce.is_logging_rank``).
+ppl``); MoUE adds ``moue/balance-loss``, ``moue/pool-load-max-over-mean``, ``moue/pool-load-cv``,
+``moue/ep-load-max-over-mean`` (overall and per layer), router entropy per layer, and a
+per-layer x per-expert load heatmap image (``moue/expert-load``). Only one rank writes
+(``parallel.reduce.is_logging_rank``).
+
+Expert-parallel balance: pool expert ``e`` sits on EP rank ``e mod EP`` (``moue.model.pool``),
+so a layer's tokens per EP rank are its assignment counts summed over ``e mod EP``. Per layer
+the figure is max over ranks / mean over ranks (1 = even; the slowest rank sets the layer's
+all-to-all and expert time); ``ep_load_max_over_mean`` is its mean over layers. It is reported
+at the run's EP, or at ``logging.ep_balance_ranks`` (e.g. the EP of a planned GPU run, from a
+smaller test run: the placement is a function of the pool id alone).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
+
+from parallel.reduce import tracked_moe_values
 
 TB_NAMES = {"loss": "lm loss", "lr": "learning-rate", "grad_norm": "grad-norm",
             "iteration_time": "iteration-time", "tokens_per_s": "throughput",
             "val_loss": "lm loss validation", "val_ppl": "lm loss validation ppl",
             "balance_loss": "moue/balance-loss", "load_max_over_mean": "moue/pool-load-max-over-mean",
-            "load_cv": "moue/pool-load-cv", "router_entropy": "moue/router-entropy", "tflops": "throughput/tflops", "mfu": "throughput/mfu"}
+            "load_cv": "moue/pool-load-cv", "router_entropy": "moue/router-entropy",
+            "ep_load_max_over_mean": "moue/ep-load-max-over-mean",
+            "tflops": "throughput/tflops", "mfu": "throughput/mfu"}
+PER_LAYER = {"router_entropy_by_layer": "moue/router-entropy",
+             "ep_load_max_over_mean_by_layer": "moue/ep-load-max-over-mean"}
+
+# bf16 dense peak FLOP/s of one GPU, by a substring of torch.cuda.get_device_name().
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
 
 
 def load_figures(loads_LE: torch.Tensor) -> dict:
@@ -28,6 +54,58 @@ def load_figures(loads_LE: torch.Tensor) -> dict:
     mean = pool_E.mean().clamp(min=1e-9)
     return {"load_max_over_mean": (pool_E.max() / mean).item(),
             "load_cv": (pool_E.std(unbiased=False) / mean).item()}
+
+
+def ep_rank_loads(loads_LE: torch.Tensor, ep: int) -> torch.Tensor:
+    """Assignments per MoE layer and EP rank [L, ep]: pool expert e sits on rank e mod ep."""
+    layers, experts = loads_LE.shape
+    return loads_LE.float().view(layers, experts // ep, ep).sum(dim=1)
+
+
+def ep_balance_figures(loads_LE: torch.Tensor, ep: int) -> dict:
+    """Per layer max/mean tokens per EP rank, and its mean over layers."""
+    per_rank_LR = ep_rank_loads(loads_LE, ep)
+    ratio_L = per_rank_LR.max(dim=1).values / per_rank_LR.mean(dim=1).clamp(min=1e-9)
+    return {"ep_load_max_over_mean": ratio_L.mean().item(),
+            "ep_load_max_over_mean_by_layer": ratio_L.tolist()}
+
+
+def step_figures(raw: dict, num_microbatches: int, cfg, layout, pg_collection) -> dict:
+    """The logged figures of a step from ``Trainer.train_step``'s raw outputs. Every rank must
+    call it (it reduces Megatron's aux-loss tracker)."""
+    metrics = dict(raw)
+    tracked = tracked_moe_values(num_microbatches, pg_collection)
+    metrics["balance_loss"] = sum(tracked.get("balance_loss", []))
+    moe_layers = set(cfg.model.moe_layers)  # Megatron's tracker has every layer's slot
+    entropy = [e for i, e in enumerate(tracked.get("router_entropy", [])) if i in moe_layers]
+    metrics["router_entropy"] = sum(entropy) / len(entropy) if entropy else None
+    metrics["router_entropy_by_layer"] = entropy
+    loads_LE = raw.get("loads_LE")
+    if loads_LE is not None:
+        metrics.update(load_figures(loads_LE))
+        ep = cfg.logging.ep_balance_ranks or layout.ep
+        if ep > 1:
+            metrics.update(ep_balance_figures(loads_LE, ep))
+    return metrics
+
+
+class StepClock:
+    """Wall time of a step, and the throughput figures derived from it."""
+
+    def __init__(self, flops_per_token: float, device: torch.device, world_size: int):
+        self.flops_per_token = flops_per_token
+        peak = peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+        self.peak = peak * world_size if peak else None
+        self.started = time.perf_counter()
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def stop(self, tokens: int) -> dict:
+        seconds = time.perf_counter() - self.started
+        flops = self.flops_per_token * tokens / seconds
+        return {"iteration_time": seconds, "tokens_per_s": tokens / seconds,
+                "tflops": flops / 1e12, "mfu": flops / self.peak if self.peak else None}
 
 
 def _heatmap(loads_LE: torch.Tensor, title: str):
@@ -48,8 +126,9 @@ def _heatmap(loads_LE: torch.Tensor, title: str):
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: str, metrics_file: str | None, enabled: bool, start_step: int = 0):
-        self.enabled = enabled
+    def __init__(self, log_dir: str, metrics_file: str | None, enabled: bool, start_step: int = 0,
+                 interval: int = 1):
+        self.enabled, self.interval = enabled, interval
         self.dir = Path(log_dir)
         self.metrics_path = Path(metrics_file) if metrics_file else self.dir / "metrics.jsonl"
         self.writer = None
@@ -68,11 +147,22 @@ class MetricsLogger:
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
             self.writer = SummaryWriter(str(self.dir / "tensorboard"))
 
-    def log(self, step: int, metrics: dict, loads_LE: torch.Tensor | None = None) -> None:
+    def log_step(self, step: int, metrics: dict, last: bool) -> None:
+        """A training step's figures: logged every ``logging.interval`` steps, at the last step
+        and with every evaluation (which also draws the expert-load heatmap)."""
+        if step % self.interval == 0 or last or "val_loss" in metrics:
+            self.log(step, metrics)
+        if "val_loss" in metrics:
+            self.log_heatmap(step)
+
+    def log(self, step: int, metrics: dict) -> None:
+        """One JSON line and the TensorBoard scalars; a ``loads_LE`` entry (the step's [L, E]
+        counts) is kept for the heatmap, not written."""
         if not self.enabled:
             return
+        metrics = dict(metrics)
+        loads_LE = metrics.pop("loads_LE", None)
         if loads_LE is not None:
-            metrics = {**metrics, **load_figures(loads_LE)}
             self.last_loads = loads_LE.detach().cpu()
         if "val_loss" in metrics:
             metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
@@ -81,8 +171,9 @@ class MetricsLogger:
         for key, value in metrics.items():
             if key in TB_NAMES and value is not None and math.isfinite(value):
                 self.writer.add_scalar(TB_NAMES[key], value, step)
-        for layer, value in enumerate(metrics.get("router_entropy_by_layer") or []):
-            self.writer.add_scalar(f"moue/router-entropy/moe-layer-{layer}", value, step)
+        for key, tag in PER_LAYER.items():
+            for layer, value in enumerate(metrics.get(key) or []):
+                self.writer.add_scalar(f"{tag}/moe-layer-{layer}", value, step)
 
     def log_heatmap(self, step: int) -> None:
         if self.enabled and self.last_loads is not None:

@@ -16,12 +16,11 @@ exposure ``c_e`` (layers that can reach expert e), virtual width ``sum_l |S_l|``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
-if TYPE_CHECKING:
-    from moue.config import MoEConfig
+from parallel.errors import UserError
 
 TOPOLOGIES: dict[str, type[Topology]] = {}
 
@@ -35,23 +34,30 @@ def register_topology(name: str):
 
 
 class Topology(ABC):
-    """Eligibility of pool experts per MoE layer, validated and with its derived figures."""
+    """Eligibility of pool experts per MoE layer, validated and with its derived figures.
+
+    Built from plain numbers: ``num_layers`` MoE layers, a pool of ``num_experts``, ``topk``
+    experts per token, and the rotational ``window`` / ``stride`` (ignored by the others). Every
+    rule on these numbers is checked here, once; errors name the config field (``moe.*``).
+    """
 
     name: ClassVar[str]
 
-    def __init__(self, moe: MoEConfig, num_moe_layers: int):
-        self.num_layers, self.num_experts, self.topk = num_moe_layers, moe.num_experts, moe.topk
-        self.mask_LE = self._mask(moe).bool()
+    def __init__(self, *, num_layers: int, num_experts: int, topk: int, window: int = 1,
+                 stride: int = 1):
+        self.num_layers, self.num_experts, self.topk = num_layers, num_experts, topk
+        self.mask_LE = self._mask(window, stride).bool()
         sizes = self.mask_LE.sum(dim=1)
         if not bool((sizes == sizes[0]).all()):
-            raise ValueError(f"moe.topology={self.name!r}: every layer needs a window of the same "
+            raise UserError(f"moe.topology={self.name!r}: every layer needs a window of the same "
                              f"size; got {sizes.tolist()}")
-        if int(sizes[0]) < moe.topk:
-            raise ValueError(f"moe.topk={moe.topk}: larger than the window of "
-                             f"{int(sizes[0])} experts that topology {self.name!r} gives each layer")
+        if int(sizes[0]) < topk:
+            raise UserError(f"moe.topk={topk}: larger than the window of {int(sizes[0])} "
+                             f"experts that topology {self.name!r} gives each layer; use "
+                             f"moe.topk<={int(sizes[0])}")
 
     @abstractmethod
-    def _mask(self, moe: MoEConfig) -> torch.Tensor:
+    def _mask(self, window: int, stride: int) -> torch.Tensor:
         """The boolean eligibility mask [L, E]."""
 
     @property
@@ -83,34 +89,36 @@ class Topology(ABC):
 
 @register_topology("standard")
 class Standard(Topology):
-    def _mask(self, moe):
-        per_layer, rest = divmod(moe.num_experts, self.num_layers)
+    def _mask(self, window, stride):
+        per_layer, rest = divmod(self.num_experts, self.num_layers)
         if rest:
-            raise ValueError(
-                f"moe.num_experts={moe.num_experts}: the standard topology gives each of the "
+            raise UserError(
+                f"moe.num_experts={self.num_experts}: the standard topology gives each of the "
                 f"{self.num_layers} MoE layers its own block, so num_experts must be a multiple "
                 f"of {self.num_layers} (e.g. {self.num_layers * max(1, per_layer)})")
-        layer_of_expert = torch.arange(moe.num_experts) // per_layer
+        layer_of_expert = torch.arange(self.num_experts) // per_layer
         return layer_of_expert[None, :] == torch.arange(self.num_layers)[:, None]
 
 
 @register_topology("rotational")
 class Rotational(Topology):
-    def _mask(self, moe):
-        if moe.window > moe.num_experts:
-            raise ValueError(f"moe.window={moe.window}: larger than the pool "
-                             f"(moe.num_experts={moe.num_experts})")
-        mask = torch.zeros(self.num_layers, moe.num_experts, dtype=torch.bool)
+    def _mask(self, window, stride):
+        if window > self.num_experts:
+            raise UserError(f"moe.window={window}: the window cannot be larger than the pool "
+                             f"(moe.num_experts={self.num_experts}); use "
+                             f"moe.window<={self.num_experts}")
+        mask = torch.zeros(self.num_layers, self.num_experts, dtype=torch.bool)
         for layer in range(self.num_layers):
-            mask[layer, (layer * moe.stride + torch.arange(moe.window)) % moe.num_experts] = True
+            mask[layer, (layer * stride + torch.arange(window)) % self.num_experts] = True
         return mask
 
 
 @register_topology("full")
 class Full(Topology):
-    def _mask(self, moe):
-        return torch.ones(self.num_layers, moe.num_experts, dtype=torch.bool)
+    def _mask(self, window, stride):
+        return torch.ones(self.num_layers, self.num_experts, dtype=torch.bool)
 
 
-def build_topology(moe: MoEConfig, num_moe_layers: int) -> Topology:
-    return TOPOLOGIES[moe.topology](moe, num_moe_layers)
+def build_topology(kind: str, **numbers) -> Topology:
+    """The topology ``kind`` (a registered name) of the given numbers (see ``Topology``)."""
+    return TOPOLOGIES[kind](**numbers)

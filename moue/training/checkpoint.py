@@ -1,0 +1,329 @@
+"""Checkpoints: Megatron-Core ``dist_checkpointing``, written aside and published atomically.
+
+Layout of ``checkpoint.dir``::
+
+    step_0000100/      model + optimizer (torch_dist), trainer.pt (scheduler, step, samples,
+                       config), rng_rank<r>.pt
+    latest             the name of the checkpoint to resume from
+    .lock              held by a live run (see ``run_lock``)
+
+A checkpoint is written into ``.tmp_step_...`` and renamed when every rank has finished; only
+then is ``latest`` replaced (write-aside, then ``os.replace``). A process killed mid-save leaves
+``latest`` pointing at the previous complete checkpoint.
+
+Decisions:
+- ``latest`` is authoritative. A ``step_N`` newer than it exists only if a run was killed
+  between renaming ``step_N`` and updating ``latest`` (or if a user pointed ``latest`` back to
+  roll a run back). At start-up such a checkpoint is renamed ``step_N.abandoned`` (kept, never
+  resumed from, never pruned), so the run's own later saves cannot be confused with it.
+- Pruning keeps the ``keep_last`` newest checkpoints *up to the one just saved* and never
+  deletes the one ``latest`` names.
+- The optimizer is saved in the distributed optimizer's ``fully_reshardable`` format without
+  chained-optimizer prefixes, so a checkpoint loads under another (tp, pp, ep, dp) layout, also
+  when the optimizer is split differently (ep=1: one optimizer; ep>1: dense and expert parts).
+- A checkpoint loads into a run with the same architecture (``RunConfig.architecture``): the
+  balance, dispatcher and learning-rate settings may change on resume.
+
+Process groups are passed in (Megatron's ``ProcessGroupCollection``); the barriers span the world
+(every rank saves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing
+
+from parallel.compat import load_distributed_optimizer_state
+from parallel.errors import UserError
+
+# fully_reshardable: the optimizer state of each parameter under the parameter's global key, with
+# no "chained_<i>." prefix, so it loads whether the optimizer is split into dense and expert
+# parts (ep>1) or not (ep=1).
+SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+# Parameters and buffers every pipeline stage holds a replica of (the pool itself, ExpertPool,
+# marks its own): the stage index goes into replica_id[0], as Megatron does for tied embeddings.
+PIPELINE_REPLICAS = ("decoder.expert_embedding.", "decoder.pool_balance.")
+STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def _model_state(model, pg_collection) -> dict:
+    state = model.sharded_state_dict()
+    pp_rank = pg_collection.pp.rank()
+    for key, sh in state.items():
+        if key.startswith(PIPELINE_REPLICAS) and hasattr(sh, "replica_id"):
+            replica = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+            sh.replica_id = (pp_rank, *replica[1:])
+    return state
+
+
+def _barrier():
+    torch.distributed.barrier()
+
+
+def _step_of(path: Path) -> int | None:
+    match = STEP_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def step_checkpoints(root: Path) -> list[Path]:
+    """The ``step_N`` directories of ``root``, oldest first (by N)."""
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
+    return sorted(found, key=_step_of)
+
+
+def save_checkpoint(root: str | Path, *, step: int, model, optimizer, extra_state: dict,
+                    run_config, pg_collection, keep_last: int) -> Path:
+    """Save ``model`` (this rank's unwrapped chunk), ``optimizer`` and ``extra_state`` (the
+    trainer's scheduler and counters) as ``root/step_<step>``, then point ``latest`` at it."""
+    root = Path(root)
+    name = f"step_{step:07d}"
+    tmp, final = root / f".tmp_{name}", root / name
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_state = _model_state(model, pg_collection)
+    dist_checkpointing.save({
+        "model": model_state,
+        "optimizer": optimizer.sharded_state_dict(model_state, metadata=SHARDING),
+    }, str(tmp))
+    torch.save({"cpu": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        torch.save({**extra_state, "config": run_config.to_dict()}, tmp / "trainer.pt")
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        marker = root / ".latest.tmp"
+        marker.write_text(name + "\n")
+        os.replace(marker, root / "latest")  # only now does the new checkpoint count
+        prune(root, step, keep_last)
+    _barrier()
+    return final
+
+
+def prune(root: Path, saved_step: int, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` newest checkpoints up to ``saved_step`` (the one just
+    saved, which ``latest`` names and which is never deleted); returns what was deleted."""
+    older = [p for p in step_checkpoints(root) if _step_of(p) < saved_step]
+    doomed = older[:max(0, len(older) - (keep_last - 1))]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
+
+
+def set_aside_newer(root: Path, latest: Path) -> list[Path]:
+    """Rename checkpoints newer than ``latest`` to ``*.abandoned`` (module docstring); returns
+    their new paths."""
+    moved = []
+    for newer in step_checkpoints(root):
+        if _step_of(newer) > _step_of(latest):
+            target, n = newer.with_name(newer.name + ".abandoned"), 1
+            while target.exists():  # an earlier one of the same step stays too
+                n += 1
+                target = newer.with_name(f"{newer.name}.abandoned.{n}")
+            newer.rename(target)
+            print(f"moue: {newer} is newer than {root / 'latest'} ({latest.name}); kept as "
+                  f"{target.name}, resuming from {latest.name}", file=sys.stderr)
+            moved.append(target)
+    return moved
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint ``root/latest`` names (None when there is none yet). Checkpoints newer
+    than it are renamed ``*.abandoned`` (see the module docstring). Rank 0 renames; call it on
+    every rank."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"checkpoint.dir={root}: is a file, not a directory; give a directory "
+                        "path (it is created if missing)")
+    marker = root / "latest"
+    if not marker.exists():
+        return None
+    name = marker.read_text().strip()
+    path = root / name
+    if _step_of(path) is None or not (path / "trainer.pt").exists():
+        complete = [p.name for p in step_checkpoints(root) if (p / "trainer.pt").exists()]
+        raise UserError(f"{marker} names {name!r}, which is not a complete checkpoint; write the "
+                        f"name of a complete one into it ({', '.join(complete) or 'none here'}) "
+                        "or remove it to start afresh")
+    if torch.distributed.get_rank() == 0:
+        set_aside_newer(root, path)
+    _barrier()
+    return path
+
+
+def _check_config(saved: dict, run_config, path: Path) -> None:
+    current = run_config.architecture()
+    diffs = [f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, now {value!r}"
+             for section, values in current.items() for key, value in values.items()
+             if saved.get(section, {}).get(key) != value]
+    if diffs:
+        raise UserError(f"checkpoint {path} is of another model:\n  " + "\n  ".join(diffs)
+                        + "\nuse the same model/moe settings, or a new checkpoint.dir")
+
+
+def _unloadable(path: Path, what: str, err: Exception) -> UserError:
+    previous = [p.name for p in step_checkpoints(path.parent) if p != path][-2:]
+    hint = (f"point {path.parent / 'latest'} at an earlier one ({', '.join(previous)})"
+            if previous else f"remove {path.parent / 'latest'} to start afresh")
+    return UserError(f"checkpoint {path}: cannot load {what} ({type(err).__name__}: "
+                     f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}); it is "
+                     f"damaged or incomplete: {hint}")
+
+
+def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection) -> dict:
+    """Restore ``model`` and ``optimizer`` from ``path`` (saved under any layout) and this rank's
+    RNG; returns the trainer's extra state (``save_checkpoint``'s ``extra_state``)."""
+    try:
+        meta = torch.load(path / "trainer.pt", weights_only=False)
+        saved_config = meta["config"]
+    except Exception as err:  # truncated, garbage or another program's file
+        raise _unloadable(path, "trainer.pt", err) from err
+    _check_config(saved_config, run_config, path)
+    _init_optimizer_state(optimizer)
+    model_state = _model_state(model, pg_collection)
+    try:
+        loaded = dist_checkpointing.load({
+            "model": model_state,
+            "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True,
+                                                      metadata=SHARDING),
+        }, str(path))
+    except Exception as err:
+        raise _unloadable(path, "the model and optimizer shards", err) from err
+    model.load_state_dict(loaded["model"])
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    for index, part in enumerate(parts):
+        load_distributed_optimizer_state(part, _part_state(loaded["optimizer"], index, part))
+    if len(parts) > 1:
+        optimizer._synchronize_steps()
+    rng = path / f"rng_rank{torch.distributed.get_rank()}.pt"
+    if rng.exists():  # absent when the checkpoint was saved with fewer processes
+        try:
+            torch.set_rng_state(torch.load(rng)["cpu"])
+        except Exception as err:
+            raise _unloadable(path, rng.name, err) from err
+    return {k: v for k, v in meta.items() if k != "config"}
+
+
+# --- One live run per directory ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def run_lock(checkpoint_dir: str | None, log_dir: str | None):
+    """Hold an exclusive lock on the run's checkpoint and log directories (``<dir>/.lock``) for
+    its lifetime, or refuse to start, naming the live run that holds one. Global rank 0 takes
+    the locks and tells the other ranks. The operating system drops a lock when its process dies
+    (``flock``), so a killed run never leaves one stuck. On a file system without ``flock`` the
+    run goes on without a lock."""
+    held, refusal = [], None
+    if torch.distributed.get_rank() == 0:
+        wanted = {"checkpoint.dir": checkpoint_dir, "logging.dir": log_dir}
+        seen = set()
+        for field, directory in wanted.items():
+            if directory and Path(directory).resolve() not in seen:
+                seen.add(Path(directory).resolve())
+                refusal = _take_lock(field, Path(directory), held)
+                if refusal:
+                    break
+    shared = [refusal]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    try:
+        if shared[0]:
+            raise UserError(shared[0])
+        yield
+    finally:
+        for f in held:
+            f.close()
+
+
+def _take_lock(field: str, directory: Path, held: list) -> str | None:
+    """Lock ``directory`` (appending the open lock file to ``held``), or the refusal message."""
+    if directory.exists() and not directory.is_dir():
+        return (f"{field}={directory}: is a file, not a directory; give a directory path (it is "
+                "created if missing)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        f = open(directory / ".lock", "a+")
+    except OSError as err:
+        return f"{field}={directory}: cannot write there ({err.strerror}); choose a writable directory"
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        return (f"{field}={directory} is in use by a live run ({holder}); wait for it to finish "
+                f"or stop it, or give this run another {field}")
+    except OSError:  # no flock on this file system: go on unlocked
+        held.append(f)
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "command": " ".join(sys.argv)[:300]}))
+    f.flush()
+    held.append(f)
+    return None
+
+
+def _part_state(loaded: dict, index: int, part) -> dict:
+    """The loaded state of one part of a (possibly chained) distributed optimizer.
+
+    The per-parameter tensors were placed in the structure this run asked for; the param groups
+    come back in the structure the checkpoint was *saved* with, which differs when the optimizer
+    is split differently (ep=1: one optimizer; ep>1: dense and expert parts). Each part keeps its
+    own param groups (lr and weight decay are set by the schedule every step; betas, eps from the
+    config) and takes Adam's step from the checkpoint.
+    """
+    state = loaded.get(index, loaded)
+    saved_groups = _saved_param_groups(loaded)
+    groups = part.state_dict()["optimizer"]["param_groups"]
+    steps = {g["step"] for g in saved_groups if "step" in g}
+    if len(steps) > 1:
+        raise ValueError(f"checkpoint optimizer parts disagree on the step: {sorted(steps)}")
+    for group in groups:
+        if steps:
+            group["step"] = next(iter(steps))
+    saved_common = loaded if "optimizer" in loaded else next(
+        (v for k, v in loaded.items() if isinstance(k, int)), {})
+    common = {k: v for k, v in saved_common.items()
+              if not isinstance(k, int) and k not in ("param_state", "optimizer")}
+    return {**common, **state,
+            "optimizer": {**state.get("optimizer", {}), "param_groups": groups}}
+
+
+def _saved_param_groups(loaded: dict) -> list:
+    if "optimizer" in loaded and "param_groups" in loaded["optimizer"]:
+        return loaded["optimizer"]["param_groups"]
+    return [g for key, part in loaded.items() if isinstance(key, int)
+            for g in part.get("optimizer", {}).get("param_groups", [])]
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """Create Adam's (lazy) state so a checkpoint can be loaded into it: one step on zero
+    gradients with lr and weight decay 0, which leaves every weight unchanged.
+
+    Megatron-Core 0.16 does this only for its FSDP format; without it, loading the distributed
+    optimizer's state fails (``assert len(steps) == 1``, distrib_optimizer.py)."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        groups = part.optimizer.param_groups
+        saved = [(g["lr"], g["weight_decay"]) for g in groups]
+        for g in groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+        part._init_optimizer_states_with_dummy_values()
+        for g, (lr, wd) in zip(groups, saved, strict=True):
+            g["lr"], g["weight_decay"] = lr, wd

@@ -1,0 +1,87 @@
+"""The training engine: one model chunk wrapped in Megatron-Core's ``DistributedDataParallel``,
+``get_megatron_optimizer`` (Adam; distributed optimizer by default) and
+``OptimizerParamScheduler`` (warmup, then cosine or warmup-stable-decay), stepped through
+Megatron's ``get_forward_backward_func`` so that every pipeline schedule works.
+
+``build_engine`` is the one place these are assembled: the Trainer, the benchmarks and the
+equivalence tests all use it, so they step the same engine.
+
+On resume the schedule's *shape* (lr, min_lr, warmup, decay steps, weight decay) comes from the
+run's config and its *position* from the checkpoint (``override_opt_param_scheduler``): a run may
+resume with another learning rate or a longer ``train.steps``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from moue.config import TrainConfig
+
+
+@dataclass
+class Engine:
+    model: DistributedDataParallel
+    optimizer: object  # a MegatronOptimizer (chained into dense and expert parts when ep > 1)
+    scheduler: OptimizerParamScheduler
+    config: TransformerConfig
+
+    def forward_backward(self, forward_step, data_iterator, *, num_microbatches: int,
+                         seq_length: int, micro_batch_size: int, forward_only: bool = False,
+                         adjust_tensor_shapes_fn=None) -> list[dict]:
+        """One global batch through Megatron's schedule (gradients zeroed first unless
+        ``forward_only``); returns the last stage's per-micro-batch loss dicts."""
+        if not forward_only:
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        kwargs = {}
+        if adjust_tensor_shapes_fn is not None:
+            kwargs["adjust_tensor_shapes_fn"] = adjust_tensor_shapes_fn
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=data_iterator, model=[self.model],
+            num_microbatches=num_microbatches, seq_length=seq_length,
+            micro_batch_size=micro_batch_size, forward_only=forward_only, **kwargs)
+
+    def optimizer_step(self) -> tuple[bool, float | None, float]:
+        """Advance the schedule, then step: step k trains at lr(k), so warmup's first step is not
+        lr 0. Returns (applied, grad norm, lr)."""
+        self.scheduler.step(increment=1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        ok, grad_norm, _ = self.optimizer.step()
+        return ok, (float(grad_norm) if grad_norm is not None else None), lr
+
+
+def build_engine(module: torch.nn.Module, config: TransformerConfig, train: TrainConfig, *,
+                 distributed_optimizer: bool = True) -> Engine:
+    """Wrap ``module`` (this rank's model chunk, already on its device) for training."""
+    bf16 = config.params_dtype == torch.bfloat16
+    model = DistributedDataParallel(
+        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                              use_distributed_optimizer=distributed_optimizer),
+        module=module)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=train.lr, min_lr=train.min_lr,
+                        weight_decay=train.weight_decay, clip_grad=train.clip_grad,
+                        adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, bf16=bf16,
+                        params_dtype=config.params_dtype,
+                        use_distributed_optimizer=distributed_optimizer),
+        [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr,
+        lr_warmup_steps=train.warmup_steps, lr_decay_steps=train.steps,
+        lr_decay_style="WSD" if train.schedule == "wsd" else "cosine",
+        start_wd=train.weight_decay, end_wd=train.weight_decay, wd_incr_steps=train.steps,
+        wd_incr_style="constant", wsd_decay_steps=max(1, train.steps // 5),
+        lr_wsd_decay_style="linear", use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    config.grad_scale_func = optimizer.scale_loss
+    return Engine(model, optimizer, scheduler, config)

@@ -1,0 +1,269 @@
+"""moue-pretrain's training loop, on Megatron-Core's components.
+
+``Trainer`` builds, in order: the model (``moue.model.builder``), the engine
+(``moue.training.engine``: DDP, optimizer, schedule) and the datasets
+(``data_tools.megatron_data``). ``fit()`` steps it; step metrics are derived in
+``moue.training.metrics`` and checkpoints written by ``moue.training.checkpoint``.
+
+Data order: step ``k`` reads global samples ``[k*G, (k+1)*G)`` of the train split (``G`` the
+global batch), each data-parallel rank its contiguous slice in micro-batches, so the order is
+the same under every layout and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from dataclasses import asdict, dataclass
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from tqdm import tqdm
+
+from data_tools.megatron_data import gpt_datasets
+from data_tools.tokenizer import load_tokenizer
+from moue.config import RunConfig
+from moue.model.builder import balance_modules, build_model, pipeline_shapes
+from moue.model.init import init_by_global_key
+from moue.model.megatron_config import transformer_config
+from moue.model.size import flops_per_token
+from moue.run_check import check_run
+from moue.training import checkpoint
+from moue.training.engine import build_engine
+from moue.training.metrics import MetricsLogger, StepClock, step_figures
+from parallel import launch
+from parallel.errors import UserError
+from parallel.layout import ParallelLayout
+from parallel.pool_sync import finish_step_loads
+from parallel.reduce import any_rank, data_parallel_slice, is_logging_rank, step_mean
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    consumed_samples: int = 0
+
+
+class NonFiniteLoss(UserError):
+    """A NaN/Inf loss under ``train.on_nan=stop``: the message names the step and the fixes."""
+
+
+class _StopOnSignal:
+    """Records SIGTERM/SIGINT instead of dying mid-step; the loop saves and stops."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _forward_step(data_iterator, model):
+    mb = next(data_iterator)
+    per_token = model(mb["tokens"], mb["position_ids"], attention_mask=None, labels=mb["labels"])
+
+    def loss_func(output):
+        mask = mb["loss_mask"].float()
+        loss = (output.float() * mask).sum() / mask.sum().clamp(min=1)
+        # clone: Megatron divides the returned loss in place by the number of micro-batches
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return per_token, loss_func
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, layout: ParallelLayout, device: torch.device,
+                 pg_collection: ProcessGroupCollection | None = None):
+        self.cfg, self.layout, self.device = cfg, layout, device
+        self.pg = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+        megatron_config = transformer_config(cfg.model, cfg.moe, layout, device=device,
+                                             params_dtype=torch.bfloat16 if bf16 else torch.float32)
+        model = self.build_module(megatron_config)
+        init_by_global_key(model, cfg.train.seed, model.config.init_method_std,
+                           cfg.model.num_layers)
+        self.balances = balance_modules([model])
+        self.engine = build_engine(model.to(device), model.config, cfg.train)
+        self.model, self.optimizer = self.engine.model, self.engine.optimizer
+        self.train_data, self.valid_data = self._datasets()
+        self.state = TrainState()
+        self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp)
+        self.clock = StepClock(flops_per_token(cfg.model, cfg.moe, cfg.topology()), device,
+                               layout.world_size)
+
+    def build_module(self, megatron_config) -> torch.nn.Module:
+        """This rank's model chunk (a Megatron module whose ``config`` the engine steps with).
+        A subclass may build another model on the same engine (the speed benchmark's
+        Megatron-Core MoE anchor does)."""
+        cfg = self.cfg
+        return build_model(cfg.model, cfg.moe, cfg.topology(), megatron_config, self.pg)
+
+    # --- checkpointed state beside the model and the optimizer ---
+
+    def state_dict(self) -> dict:
+        return {"scheduler": self.engine.scheduler.state_dict(), "state": asdict(self.state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.scheduler.load_state_dict(state["scheduler"])
+        self.state = TrainState(**state["state"])
+
+    def save(self) -> None:
+        ckpt = self.cfg.checkpoint
+        checkpoint.save_checkpoint(
+            ckpt.dir, step=self.state.step, model=self.model.module, optimizer=self.optimizer,
+            extra_state=self.state_dict(), run_config=self.cfg, pg_collection=self.pg,
+            keep_last=ckpt.keep_last)
+
+    def resume(self) -> None:
+        """Load the newest complete checkpoint of ``checkpoint.dir``, if there is one."""
+        path = checkpoint.latest_checkpoint(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else None
+        if path is not None:
+            self.load_state_dict(checkpoint.load_checkpoint(
+                path, model=self.model.module, optimizer=self.optimizer, run_config=self.cfg,
+                pg_collection=self.pg))
+
+    # --- data ---
+
+    def _datasets(self):
+        cfg, t = self.cfg, self.cfg.train
+        blend = cfg.data.blend or ([cfg.data.path] if cfg.data.path else None)
+        tokenizer = None if cfg.data.mock else load_tokenizer(cfg.data.tokenizer)
+        if tokenizer is not None and tokenizer.vocab_size > cfg.model.vocab_size:
+            raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                            f"tokenizer's vocabulary ({tokenizer.vocab_size}, "
+                            f"data.tokenizer={cfg.data.tokenizer}); raise model.vocab_size")
+        valid_samples = max(1, t.eval_iters) * t.global_batch_size
+        train, valid, _ = gpt_datasets(
+            seq_length=cfg.model.seq_length, seed=cfg.data_seed, split=cfg.data.split,
+            num_samples=(t.steps * t.global_batch_size, valid_samples, 0),
+            tokenizer=tokenizer, blend=None if cfg.data.mock else blend,
+            vocab_size=cfg.model.vocab_size)
+        return train, valid
+
+    def _microbatches(self, dataset, first_sample: int):
+        """This data-parallel rank's micro-batches of the global batch starting at a sample."""
+        offset, count = data_parallel_slice(self.cfg.train.global_batch_size, self.pg.dp)
+        mbs = self.cfg.train.micro_batch_size
+        for i in range(first_sample + offset, first_sample + offset + count, mbs):
+            samples = [dataset[j % len(dataset)] for j in range(i, i + mbs)]
+            yield {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(self.device)
+                   for k in BATCH_KEYS}
+
+    # --- steps ---
+
+    def _run_schedule(self, dataset, first_sample: int, forward_only: bool) -> float:
+        shapes = (pipeline_shapes(self.cfg.moe.router_state_dim)
+                  if self.layout.pp > 1 and not self.cfg.model.dense else None)
+        losses = self.engine.forward_backward(
+            _forward_step, self._microbatches(dataset, first_sample),
+            num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only,
+            adjust_tensor_shapes_fn=shapes)
+        return step_mean(losses, "lm loss", self.device, self.pg)
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns its metrics (the same numbers on every rank)."""
+        self.clock.start()
+        loss = self._run_schedule(self.train_data, self.state.consumed_samples, forward_only=False)
+        if not math.isfinite(loss):
+            if self.cfg.train.on_nan == "stop":
+                raise NonFiniteLoss(f"step {self.state.step + 1}: loss is {loss}; lower train.lr or "
+                                    "check the data, or set train.on_nan=skip to skip such steps")
+            return self._skip_step(loss)
+        ok, grad_norm, lr = self.engine.optimizer_step()
+        loads_LE = finish_step_loads(self.balances)
+        self._advance()
+        tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
+        return {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "skipped": not ok, **self.clock.stop(tokens), "loads_LE": loads_LE}
+
+    def _skip_step(self, loss: float) -> dict:
+        """train.on_nan=skip: no update, the step's expert counts are dropped, data moves on."""
+        for balance in self.balances:
+            balance.counts_LE.zero_()
+        self.engine.scheduler.step(increment=1)
+        self._advance()
+        return {"step": self.state.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": None, "skipped": True, **self.clock.stop(0), "loads_LE": None}
+
+    def _advance(self) -> None:
+        self.state.step += 1
+        self.state.consumed_samples += self.cfg.train.global_batch_size
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first ``eval_iters`` global batches of the validation split."""
+        self.model.eval()
+        try:
+            g = self.cfg.train.global_batch_size
+            losses = [self._run_schedule(self.valid_data, i * g, forward_only=True)
+                      for i in range(self.cfg.train.eval_iters)]
+        finally:
+            self.model.train()
+        return sum(losses) / len(losses)
+
+    # --- the loop ---
+
+    def fit(self, logger: MetricsLogger) -> None:
+        """Train to ``train.steps``: evaluate, log, and save as configured. SIGTERM/SIGINT save a
+        checkpoint (when checkpoint.dir is set) and return after the current step."""
+        t, ckpt = self.cfg.train, self.cfg.checkpoint
+        stop = _StopOnSignal()
+        if t.eval_interval and self.state.step == 0:
+            logger.log(0, {"val_loss": self.evaluate()})  # the untrained model, for reference
+        bar = tqdm(total=t.steps, initial=self.state.step, disable=not logger.enabled,
+                   desc="train", unit="step")
+        while self.state.step < t.steps:
+            metrics = step_figures(self.train_step(), self.num_microbatches, self.cfg,
+                                   self.layout, self.pg)
+            step = self.state.step
+            if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
+                metrics["val_loss"] = self.evaluate()
+            logger.log_step(step, metrics, last=step == t.steps)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+            stopping = any_rank(stop.requested)  # every rank must take the same decision
+            if ckpt.dir and (stopping or step == t.steps
+                             or (ckpt.interval and step % ckpt.interval == 0)):
+                self.save()
+            if stopping:
+                bar.write(f"stopped by signal after step {step}"
+                          + (f"; checkpoint in {ckpt.dir}" if ckpt.dir else ""))
+                break
+        bar.close()
+        stop.restore()
+
+
+def run(cfg: RunConfig) -> None:
+    """``moue-pretrain``: check the run, start the process groups, build, train."""
+    env = launch.read_launch_env()
+    layout = check_run(cfg, env.world_size)
+    launch.init_distributed(layout, device="auto", env=env)
+    try:
+        train(cfg, layout, launch.resolve_device("auto"))
+    finally:
+        launch.shutdown()
+
+
+def train(cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> Trainer:
+    """Build and train on an initialised world (``run`` starts one; tests reuse theirs)."""
+    check_run(cfg, layout.world_size)
+    with checkpoint.run_lock(cfg.checkpoint.dir, cfg.logging.dir):
+        launch.seed_everything(cfg.train.seed)
+        trainer = Trainer(cfg, layout, device)
+        trainer.resume()
+        logger = MetricsLogger(cfg.logging.dir, cfg.logging.metrics_file,
+                               enabled=is_logging_rank(trainer.pg), start_step=trainer.state.step,
+                               interval=cfg.logging.interval)
+        try:
+            trainer.fit(logger)
+        finally:
+            logger.close()
+    return trainer
