@@ -53,7 +53,7 @@ demo: install
 
 lint: install
 	$(PY) -m ruff check moue parallel data_tools tests benchmarks
-	$(VENV)/bin/shellcheck examples/scripts/*.sh examples/scripts/*.sbatch .ci/run tests/stubs/*
+	$(VENV)/bin/shellcheck -x examples/scripts/*.sh examples/scripts/*.sbatch .ci/run tests/stubs/*
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache .ruff_cache

@@ -10,11 +10,14 @@ parameters per token (top-k experts of the same size) and, for the MoE variants,
                 expert reachable from 2 layers), trajectory state on, UELB balance
   moue-nostate  the same without the trajectory state
   moue-perlayer the same with per-layer balance instead of UELB
+  moue-epbal    moue plus the per-layer balance over expert-parallel groups
+                (moe.ep_balance_coeff, groups = --ep-ranks)
   dense         no experts: every MLP as wide as top-k experts (same activated parameters)
 Total parameters of the MoE variants differ only by the routers' window rows and U.
 
 Reports the final held-out loss (mean +- std over seeds, and MoUE minus MoE paired by seed), the
-pool load max/mean and its coefficient of variation (mean over the last 20% of steps), writes
+pool load max/mean and its coefficient of variation, and the per-layer max/mean tokens per EP
+rank at ``--ep-ranks`` (default 4) ranks (each a mean over the last 20% of steps), writes
 ``quality.png`` (validation curves) into the work directory, and ``--json PATH`` the figures.
 
     python benchmarks/quality.py --preset cpu          # 2 CPU cores, about 20 minutes
@@ -88,7 +91,8 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 DATA_SEED = 1234  # one sample order and one held-out sample for every run; seeds vary the init
 
 
-def variants(preset: Preset) -> dict[str, tuple[str, list[str]]]:
+def variants(preset: Preset, ep_ranks: int = 4,
+             ep_coeff: float = 0.1) -> dict[str, tuple[str, list[str]]]:
     """Name -> (description, overrides) of the compared models under a preset."""
     from moue.config import load_config
 
@@ -105,6 +109,8 @@ def variants(preset: Preset) -> dict[str, tuple[str, list[str]]]:
         "moue": (f"MoUE, window {2 * n}, state, UELB", moue),
         "moue-nostate": ("MoUE without the state", [*moue, "moe.router_state_dim=0"]),
         "moue-perlayer": ("MoUE, per-layer balance", [*moue, "moe.balance=per_layer"]),
+        "moue-epbal": (f"MoUE + EP balance {ep_coeff}", [
+            *moue, f"moe.ep_balance_coeff={ep_coeff}", f"moe.ep_balance_groups={ep_ranks}"]),
         "dense": (f"dense, MLP {topk} x {expert_ffn}", [
             "model.moe_layer_freq=0", f"model.ffn_hidden_size={topk * expert_ffn}"]),
     }
@@ -154,6 +160,7 @@ def _summarise(run: dict) -> dict:
     return {"variant": run["variant"], "seed": run["seed"], "seconds": run["seconds"],
             "val_loss": rows[-1]["val_loss"], "train_loss": rows[-1]["loss"],
             "load_max_over_mean": mean("load_max_over_mean"), "load_cv": mean("load_cv"),
+            "ep_load_max_over_mean": mean("ep_load_max_over_mean"),
             "curve": [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]}
 
 
@@ -174,13 +181,14 @@ def table(results: list[dict], names: dict, params: dict) -> list[str]:
     """Markdown rows: one per variant, means over seeds; differences paired by seed."""
     base = {r["seed"]: r["val_loss"] for r in results if r["variant"] == "moe"}
     lines = ["| variant | params total | params active | held-out loss | minus MoE, paired | "
-             "load max/mean | load CV |", "|---|---|---|---|---|---|---|"]
+             "load max/mean | load CV | EP-rank max/mean |", "|---|---|---|---|---|---|---|---|"]
     for v, name in names.items():
         runs = [r for r in results if r["variant"] == v]
         diff = "—" if v == "moe" else _mean_std([r["val_loss"] - base[r["seed"]] for r in runs], "+")
-        loads = "— | —" if runs[0]["load_cv"] is None else (
+        loads = "— | — | —" if runs[0]["load_cv"] is None else (
             f"{statistics.fmean(r['load_max_over_mean'] for r in runs):.2f} | "
-            f"{statistics.fmean(r['load_cv'] for r in runs):.3f}")
+            f"{statistics.fmean(r['load_cv'] for r in runs):.3f} | "
+            f"{statistics.fmean(r['ep_load_max_over_mean'] for r in runs):.2f}")
         lines.append(f"| {v}: {name} | {params[v]['total']:,} | {params[v]['active']:,} | "
                      f"{_mean_std([r['val_loss'] for r in runs])} | {diff} | {loads} |")
     return lines
@@ -223,11 +231,15 @@ def main(argv=None) -> int:
                                        "built-in corpus in the work directory)")
     parser.add_argument("--work-dir", default="runs/quality", help="runs, logs and the plot")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--ep-ranks", type=int, default=4,
+                        help="EP degree of the per-layer tokens-per-rank figure and of moue-epbal")
+    parser.add_argument("--ep-coeff", type=float, default=0.1,
+                        help="moe.ep_balance_coeff of the moue-epbal variant")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run, "
                                                      "e.g. train.steps=400")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    names_overrides = variants(preset)
+    names_overrides = variants(preset, args.ep_ranks, args.ep_coeff)
     chosen = ["moe", *(v for v in (args.variants or names_overrides) if v != "moe")]
     unknown = [v for v in chosen if v not in names_overrides]
     if unknown:
@@ -237,7 +249,8 @@ def main(argv=None) -> int:
     work = Path(args.work_dir)
     data = args.data or _prepare_data(work)
     shared = [*preset.shape, "data.mock=false", f"data.path={data}", "data.tokenizer=byte",
-              f"data.seed={DATA_SEED}", *args.overrides]
+              f"data.seed={DATA_SEED}", f"logging.ep_balance_ranks={args.ep_ranks}",
+              *args.overrides]
     plan = [(v, s) for s in seeds for v in chosen]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     from tqdm import tqdm

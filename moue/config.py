@@ -141,6 +141,8 @@ class MoEConfig(_Section):
     aux_free_rate: float = 1e-3  # per-step bias update of the aux_free balance
     z_loss_coeff: float = 0.0
     dispatcher: str = "alltoall"  # alltoall | allgather
+    ep_balance_coeff: float = 0.0  # per-layer balance over EP-rank groups (moue.model.balance)
+    ep_balance_groups: int = 0  # groups (pool expert e in group e mod G); 0: parallel.ep
 
     def _validate(self):
         _positive("moe", self, "num_experts", "expert_ffn_hidden_size", "topk", "window",
@@ -152,7 +154,9 @@ class MoEConfig(_Section):
         _one_of("moe.balance", self.balance, sorted(BALANCES))
         _one_of("moe.score_function", self.score_function, ("softmax", "sigmoid"))
         _one_of("moe.dispatcher", self.dispatcher, ("alltoall", "allgather"))
-        for n in ("balance_coeff", "aux_free_rate", "z_loss_coeff"):
+        _check(self.ep_balance_groups >= 0, "moe.ep_balance_groups", self.ep_balance_groups,
+               "must be an integer >= 0 (0: parallel.ep)")
+        for n in ("balance_coeff", "aux_free_rate", "z_loss_coeff", "ep_balance_coeff"):
             _check(getattr(self, n) >= 0, f"moe.{n}", getattr(self, n), "must be >= 0")
 
 
@@ -278,7 +282,8 @@ class LoggingConfig(_Section):
 
 # moe fields that steer training but do not change what the weights mean: a run may resume from a
 # checkpoint with other values.
-TRAINING_KNOBS = ("balance", "balance_coeff", "aux_free_rate", "z_loss_coeff", "dispatcher")
+TRAINING_KNOBS = ("balance", "balance_coeff", "aux_free_rate", "z_loss_coeff", "dispatcher",
+                  "ep_balance_coeff", "ep_balance_groups")
 
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig,
             "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
@@ -306,6 +311,9 @@ class RunConfig:
                    "use parallel.ep=1 (its ranks then do data parallelism)")
         else:  # built once per run; checks every rule of the pool's shape
             moe = self.moe
+            groups = moe.ep_balance_groups
+            _check(not groups or moe.num_experts % groups == 0, "moe.ep_balance_groups", groups,
+                   f"must divide moe.num_experts={moe.num_experts} (or 0 for parallel.ep)")
             ranks = self.logging.ep_balance_ranks
             _check(not ranks or moe.num_experts % ranks == 0, "logging.ep_balance_ranks", ranks,
                    f"must divide moe.num_experts={moe.num_experts} (or 0 for parallel.ep)")

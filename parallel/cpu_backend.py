@@ -1,7 +1,7 @@
 """Megatron-Core on CPU processes with gloo: the adaptations, one per Megatron-Core call site.
 
 Megatron-Core assumes CUDA in many places (Megatron-LM #3025). This module adapts exactly the
-places measured in shared/MEGATRON_CPU.md so the whole stack (parallel state, tensor-parallel
+places listed in docs/cpu_backend.md so the whole stack (parallel state, tensor-parallel
 layers, MoE dispatchers, DDP, the distributed optimizer, schedules, checkpoints) runs on CPU
 processes, for tests, CI and debugging without a GPU.
 

@@ -183,7 +183,7 @@ def train(build_fn, layout: ParallelLayout, steps: int = 3, **build_kwargs) -> d
     data = built.data
     pg = ProcessGroupCollection.use_mpu_process_groups()
     num_micro = data.global_batch_size // (data.micro_batch_size * pg.dp.size())
-    losses, grad_norms, balance = [], [], []
+    losses, grad_norms, balance, ep_balance = [], [], [], []
     clear_aux_losses_tracker()
     for step in range(steps):
         step_losses = engine.forward_backward(
@@ -197,9 +197,11 @@ def train(build_fn, layout: ParallelLayout, steps: int = 3, **build_kwargs) -> d
             built.after_step()
         losses.append(step_mean(step_losses, "lm loss", _device(), pg))
         grad_norms.append(grad_norm)
-        balance.append(sum(tracked_moe_values(num_micro, pg).get("balance_loss", [])))
+        tracked = tracked_moe_values(num_micro, pg)
+        balance.append(sum(tracked.get("balance_loss", [])))
+        ep_balance.append(sum(tracked.get("ep_balance_loss", [])))
     return {"losses": losses, "grad_norms": grad_norms, "balance_loss": balance,
-            "model": engine.model}
+            "ep_balance_loss": ep_balance, "model": engine.model}
 
 
 LAYOUTS = {  # name -> (tp, pp, ep) on two processes; etp takes the layout's default

@@ -4,7 +4,13 @@ import pytest
 import torch
 from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
 
-from moue.model.balance import BALANCES, build_balance, switch_loss, uelb_loss
+from moue.model.balance import (
+    BALANCES,
+    build_balance,
+    group_switch_loss,
+    switch_loss,
+    uelb_loss,
+)
 from moue.model.topology import build_topology
 
 pytestmark = pytest.mark.compat
@@ -86,3 +92,23 @@ def test_end_step_takes_the_summed_counts_as_loads_and_aux_free_nudges_toward_ex
 
 def test_registry():
     assert sorted(BALANCES) == ["aux_free", "none", "per_layer", "uelb"]
+
+
+def test_ep_group_loss_is_one_when_even_over_ranks_and_groups_experts_by_rank():
+    """Expert e sits on EP rank e mod G: the loss is 1 when a layer's tokens and probability are
+    even over the ranks (whatever their spread inside a rank), G when all go to one rank."""
+    groups, tokens = 4, 100
+    even = torch.tensor([10.0, 10, 10, 10, 15, 15, 15, 15])  # experts 0..7; each rank 25 tokens
+    probs = even.clone()
+    assert group_switch_loss(even, probs, tokens, groups).item() == pytest.approx(1.0)
+    one_rank = torch.tensor([50.0, 0, 0, 0, 50, 0, 0, 0])  # experts 0 and 4: both on rank 0
+    assert group_switch_loss(one_rank, one_rank.clone(), tokens, groups).item() == pytest.approx(4.0)
+
+
+def test_ep_balance_is_off_by_default_and_per_layer_when_on():
+    t = _topo(topology="rotational", num_experts=8, window=4, stride=2, topk=2)
+    off = build_balance("uelb", t, 0.01, 0.0)
+    assert off.ep_layer_loss(torch.ones(8), 8, torch.ones(8)) is None
+    on = build_balance("uelb", t, 0.01, 0.0, ep_coeff=0.1, ep_groups=2)
+    counts = torch.tensor([4.0, 0, 4, 0, 0, 0, 0, 0])  # a layer's tokens all on rank 0
+    assert on.ep_layer_loss(counts, 8, counts).item() == pytest.approx(2.0 / 4)  # G / L

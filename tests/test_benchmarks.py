@@ -43,7 +43,7 @@ def test_quality_benchmark_trains_matched_variants_on_the_same_data(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(out.read_text())
     runs, params = figures["runs"], figures["params"]
-    names = ["moe", "moue", "moue-nostate", "moue-perlayer", "dense"]
+    names = ["moe", "moue", "moue-nostate", "moue-perlayer", "moue-epbal", "dense"]
     assert [(r["variant"], r["seed"]) for r in runs] == [(v, s) for v in names for s in (1234, 1235)]
     for run in runs:  # every variant trained: held-out loss fell from the untrained model's
         assert run["curve"][0][0] == 0 and run["val_loss"] < run["curve"][0][1] - 0.01, run
@@ -55,6 +55,8 @@ def test_quality_benchmark_trains_matched_variants_on_the_same_data(tmp_path):
     seeds = {r["seed"]: r["val_loss"] for r in runs if r["variant"] == "moe"}
     assert seeds[1234] != seeds[1235]  # the seeds are different runs
     assert "| moue: MoUE, window 4, state, UELB |" in proc.stdout
+    assert "EP-rank max/mean" in proc.stdout  # per layer, at --ep-ranks 4 (pool of 4: 1 each)
+    assert all(r["ep_load_max_over_mean"] >= 1.0 for r in runs if r["variant"] != "dense")
     assert (tmp_path / "runs" / "quality.png").stat().st_size > 0
 
 

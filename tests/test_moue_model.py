@@ -73,8 +73,9 @@ def test_routing_of_a_layer_depends_on_the_previous_layers_choices_through_the_s
     assert not without["layer1_logits_changed"]  # expert outputs are zero: only the state links
 
 
-def test_aux_free_shared_expert_sigmoid_variant_matches_and_moves_the_bias():
+def test_aux_free_shared_expert_sigmoid_ep_balance_variant_matches_and_moves_the_bias():
     reference = launch(CASES, 1)["moue_variant[single]"][0]
+    assert all(loss > 0 for loss in reference["ep_balance_loss"])  # the term is on
     nudges = [abs(b) for b in reference["bias"]]
     # Each step moves every bias by +-rate (fp32): whole multiples of 0.05, some non-zero.
     assert max(nudges) > 0 and all(abs(n / 0.05 - round(n / 0.05)) < 1e-4 for n in nudges)
@@ -82,6 +83,7 @@ def test_aux_free_shared_expert_sigmoid_variant_matches_and_moves_the_bias():
         assert max_rel(run["losses"], reference["losses"]) < RTOL
         assert max_rel(run["grad_norms"], reference["grad_norms"]) < RTOL
         assert run["bias"] == reference["bias"]  # loads summed over ranks: same nudges
+        assert max_rel(run["ep_balance_loss"], reference["ep_balance_loss"]) < RTOL
 
 
 @pytest.mark.parametrize("name", ["rotational_state", "standard_no_state",

@@ -16,6 +16,18 @@ and data-parallel rank (``parallel.pool_sync`` sums it; ``F = Q`` at step 0) - s
 term is known locally and the loss is identical under every parallel layout. Per layer the loss is
 linear in ``P_l``: ``(1/L) sum_e (F_e/Q_e) P_le``.
 
+Expert-parallel balance (``moe.ep_balance_coeff``): UELB balances the pool as a whole, but a
+layer's tokens can still crowd onto the experts of one EP rank inside its window, and the busiest
+rank sets that layer's all-to-all and expert time. Pool expert ``e`` sits on EP rank
+``e mod EP`` (``moue.model.pool``), so with ``G`` groups (the EP degree) each layer adds the
+Switch loss over its groups::
+
+    L_ep,l = G * sum_g f_lg * P_lg      f_lg, P_lg: layer l's assignments / probability on group g
+
+averaged over layers (1 when a layer spreads evenly over the groups). Like ``per_layer`` it uses
+the micro-batch's own counts (over the sequence-parallel group), so it is the same under every
+layout for a fixed ``G``.
+
 This module does no communication: routers hand it token-summed statistics.
 """
 
@@ -41,6 +53,14 @@ def uelb_loss(loads_E: torch.Tensor, probs_LE: torch.Tensor, share_E: torch.Tens
     return (loads_E * probs_LE.mean(dim=0) / share_E).sum()
 
 
+def group_switch_loss(tokens_per_expert_E: torch.Tensor, probs_sum_E: torch.Tensor,
+                      tokens: torch.Tensor | int, groups: int) -> torch.Tensor:
+    """Switch loss of one layer over expert groups (expert e in group e mod ``groups``)."""
+    counts_G = tokens_per_expert_E.float().view(-1, groups).sum(dim=0)
+    fraction_G = counts_G / counts_G.sum().clamp(min=1)
+    return groups * (fraction_G * probs_sum_E.view(-1, groups).sum(dim=0) / tokens).sum()
+
+
 def switch_loss(fraction_E: torch.Tensor, probs_E: torch.Tensor, window: int) -> torch.Tensor:
     """Switch/GShard loss of one layer over its window: W * sum_e f_e P_e (1 when uniform)."""
     return window * (fraction_E * probs_E).sum()
@@ -56,10 +76,12 @@ class Balance(torch.nn.Module):
 
     name = "none"
 
-    def __init__(self, topology: Topology, coeff: float, rate: float = 0.0):
+    def __init__(self, topology: Topology, coeff: float, rate: float = 0.0,
+                 ep_coeff: float = 0.0, ep_groups: int = 1):
         super().__init__()
         self.num_layers, self.window, self.coeff, self.rate = (
             topology.num_layers, topology.window, coeff, rate)
+        self.ep_coeff, self.ep_groups = ep_coeff, ep_groups
         self.register_buffer("share_E", topology.uniform_share_E.clone(), persistent=False)
         self.register_buffer("loads_E", topology.uniform_share_E.clone())
         self.register_buffer("bias_E", torch.zeros(topology.num_experts))
@@ -84,6 +106,13 @@ class Balance(torch.nn.Module):
         of this micro-batch over that group (used by per_layer only).
         """
         return None
+
+    def ep_layer_loss(self, probs_sum_E, tokens, tokens_per_expert_E) -> torch.Tensor | None:
+        """One layer's expert-parallel balance loss (before ``ep_coeff``), or None when off."""
+        if not self.ep_coeff or self.ep_groups == 1:
+            return None
+        return group_switch_loss(tokens_per_expert_E, probs_sum_E, tokens,
+                                 self.ep_groups) / self.num_layers
 
     def selection_bias(self) -> torch.Tensor | None:
         """Bias added to scores for top-k selection only (aux_free), or None."""
@@ -132,5 +161,6 @@ class AuxFreeBalance(Balance):
         super().end_step(global_counts_E)
 
 
-def build_balance(kind: str, topology: Topology, coeff: float, rate: float) -> Balance:
-    return BALANCES[kind](topology, coeff, rate)
+def build_balance(kind: str, topology: Topology, coeff: float, rate: float,
+                  ep_coeff: float = 0.0, ep_groups: int = 1) -> Balance:
+    return BALANCES[kind](topology, coeff, rate, ep_coeff, ep_groups)

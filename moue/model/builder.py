@@ -43,7 +43,8 @@ def build_model(model_cfg: ModelConfig, moe: MoEConfig, topology: Topology | Non
                  if moe.router_state_dim else None)
     shared = SharedRouting(topology=topology,
                            balance=build_balance(moe.balance, topology, moe.balance_coeff,
-                                                 moe.aux_free_rate),
+                                                 moe.aux_free_rate, moe.ep_balance_coeff,
+                                                 moe.ep_balance_groups or pg_collection.ep.size()),
                            embedding=embedding, moe_layer_freq=model_cfg.moe_layer_freq)
     experts_factory = None
 

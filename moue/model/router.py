@@ -3,7 +3,7 @@
 Shapes: ``s`` sequence (a shard of it under sequence parallelism), ``b`` batch, ``T = s*b``
 tokens, ``h`` hidden, ``E`` pool experts, ``W`` window, ``d`` trajectory-state dimension.
 
-Per MoE layer ``l`` (DESIGN.md section 2)::
+Per MoE layer ``l`` (docs/concepts.md)::
 
     z_l = W_l x_l + U[S_l] r_l          logits outside S_l are -inf (a large negative number)
     r_{l+1} = rmsnorm(r_l + sum_{e in top-k} g_e U[e])
@@ -153,16 +153,25 @@ class UniversalRouter(TopKRouter):
                                    self.layer_number, num_layers, reduce_group=self.tp_cp_group)
 
     def _attach_balance_loss(self, logits_TE, probs_TE, map_TE):
+        """The pool's balance loss and the expert-parallel one (``moue.model.balance``)."""
         balance = self.shared.balance
-        if balance.coeff == 0 or type(balance).layer_loss is Balance.layer_loss:
+        main = balance.coeff and type(balance).layer_loss is not Balance.layer_loss
+        if not main and not balance.ep_coeff:
             return probs_TE
         _, scores_TE = compute_routing_scores_for_aux_loss(logits_TE, self.topk, self.score_function)
         tokens_per_expert_E = None
-        if balance.name == "per_layer":
+        if balance.name == "per_layer" or balance.ep_coeff:
             tokens_per_expert_E, _, _ = get_tokens_per_expert_and_token_count(
                 map_TE, reduce_group=self.tp_cp_group, topk=self.topk)
         tokens = logits_TE.shape[0] * self.tp_cp_group.size()
-        loss = balance.layer_loss(scores_TE.sum(dim=0), tokens, tokens_per_expert_E)
-        return self.attach_and_log_load_balancing_loss(
-            probs_TE, balance.coeff, balance.coeff * loss, "balance_loss", self.tp_cp_group,
-            valid_token_count=logits_TE.shape[0])
+        probs_sum_E = scores_TE.sum(dim=0)
+        for name, coeff, loss in (
+                ("balance_loss", balance.coeff,
+                 balance.layer_loss(probs_sum_E, tokens, tokens_per_expert_E) if main else None),
+                ("ep_balance_loss", balance.ep_coeff,
+                 balance.ep_layer_loss(probs_sum_E, tokens, tokens_per_expert_E))):
+            if loss is not None:
+                probs_TE = self.attach_and_log_load_balancing_loss(
+                    probs_TE, coeff, coeff * loss, name, self.tp_cp_group,
+                    valid_token_count=logits_TE.shape[0])
+        return probs_TE

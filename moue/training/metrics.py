@@ -36,6 +36,7 @@ TB_NAMES = {"loss": "lm loss", "lr": "learning-rate", "grad_norm": "grad-norm",
             "balance_loss": "moue/balance-loss", "load_max_over_mean": "moue/pool-load-max-over-mean",
             "load_cv": "moue/pool-load-cv", "router_entropy": "moue/router-entropy",
             "ep_load_max_over_mean": "moue/ep-load-max-over-mean",
+            "ep_balance_loss": "moue/ep-balance-loss",
             "tflops": "throughput/tflops", "mfu": "throughput/mfu"}
 PER_LAYER = {"router_entropy_by_layer": "moue/router-entropy",
              "ep_load_max_over_mean_by_layer": "moue/ep-load-max-over-mean"}
@@ -76,6 +77,8 @@ def step_figures(raw: dict, num_microbatches: int, cfg, layout, pg_collection) -
     metrics = dict(raw)
     tracked = tracked_moe_values(num_microbatches, pg_collection)
     metrics["balance_loss"] = sum(tracked.get("balance_loss", []))
+    if "ep_balance_loss" in tracked:
+        metrics["ep_balance_loss"] = sum(tracked["ep_balance_loss"])
     moe_layers = set(cfg.model.moe_layers)  # Megatron's tracker has every layer's slot
     entropy = [e for i, e in enumerate(tracked.get("router_entropy", [])) if i in moe_layers]
     metrics["router_entropy"] = sum(entropy) / len(entropy) if entropy else None

@@ -13,8 +13,10 @@ the same under every layout and a resumed run continues exactly.
 from __future__ import annotations
 
 import math
+import os
 import signal
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -184,6 +186,18 @@ class Trainer:
         return {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "skipped": not ok, **self.clock.stop(tokens), "loads_LE": loads_LE}
 
+    def _note_stop(self, bar, step: int) -> None:
+        """Say that the run stopped cleanly on a signal; global rank 0 also writes it to
+        ``$MOUE_STOP_FILE`` (set by the launch scripts, whose torchrun exits 1 after a signal)."""
+        ckpt = self.cfg.checkpoint.dir
+        note = (f"moue: stopped by signal after step {step}; "
+                + (f"checkpoint saved in {ckpt}: run the same command again to resume"
+                   if ckpt else "no checkpoint.dir, so nothing was saved"))
+        bar.write(note)
+        stop_file = os.environ.get("MOUE_STOP_FILE")
+        if stop_file and torch.distributed.get_rank() == 0:
+            Path(stop_file).write_text(note + "\n")
+
     def _skip_step(self, loss: float) -> dict:
         """train.on_nan=skip: no update, the step's expert counts are dropped, data moves on."""
         for balance in self.balances:
@@ -234,8 +248,7 @@ class Trainer:
                              or (ckpt.interval and step % ckpt.interval == 0)):
                 self.save()
             if stopping:
-                bar.write(f"stopped by signal after step {step}"
-                          + (f"; checkpoint in {ckpt.dir}" if ckpt.dir else ""))
+                self._note_stop(bar, step)
                 break
         bar.close()
         stop.restore()

@@ -51,15 +51,17 @@ CASES.add("moue_train[single]", partial(_train, "single", 1), nproc=1)
 for _name in LAYOUTS:
     CASES.add(f"moue_train[{_name}]", partial(_train, _name, 2), nproc=2)
 
-# Aux-free balance (selection bias from the pool's loads), a shared expert, sigmoid scores.
+# Aux-free balance (selection bias from the pool's loads), a shared expert, sigmoid scores, and
+# the balance over 2 expert-parallel groups (fixed, so every layout has the same loss).
 VARIANT = ("moe.balance=aux_free", "moe.aux_free_rate=0.05", "moe.shared_experts=1",
-           "moe.score_function=sigmoid")
+           "moe.score_function=sigmoid", "moe.ep_balance_coeff=0.05", "moe.ep_balance_groups=2")
 
 
 def _train_variant(layout: str, world_size: int) -> dict:
     run = train(moue_builder(tiny(*VARIANT)), layout_for(layout, world_size), lr=LR)
     bias = run["model"].module.decoder.pool_balance.bias_E
-    return {"losses": run["losses"], "grad_norms": run["grad_norms"], "bias": bias.tolist()}
+    return {"losses": run["losses"], "grad_norms": run["grad_norms"], "bias": bias.tolist(),
+            "ep_balance_loss": run["ep_balance_loss"]}
 
 
 CASES.add("moue_variant[single]", partial(_train_variant, "single", 1), nproc=1)
