@@ -49,7 +49,7 @@ class Summary:
         return out
 
 
-class BadInput(ValueError):
+class BadInput(UserError):
     """A bad record without --skip-bad: names file:line and the reason."""
 
 

@@ -49,10 +49,12 @@ def pretrain_parser() -> argparse.ArgumentParser:
 
 
 def report_user_error(prog: str, err: UserError) -> int:
-    """Print a user error once per job (global rank 0; every rank meets the same input) and
-    return the exit status 2."""
-    if global_rank_from_env() == 0:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+    """Print a user error once per job and return the exit status 2: by global rank 0 when every
+    rank meets the same input, else by the rank that met it."""
+    rank = global_rank_from_env()
+    if rank == 0 or not err.every_rank:
+        where = f" (rank {rank})" if rank else ""
+        print(f"{prog}: error{where}: {err}", file=sys.stderr)
     return 2
 
 

@@ -241,9 +241,12 @@ class DataConfig(_Section):
             shares = []
         _check(len(shares) == 3 and min(shares) >= 0 and shares[0] > 0, "data.split", self.split,
                "must be three non-negative weights train,valid,test with train > 0, e.g. 98,2,0")
-        if self.blend is not None:
+        if self.blend is not None and len(self.blend) == 1:  # one dataset: [prefix]
+            _check(isinstance(self.blend[0], str), "data.blend", self.blend,
+                   "must be [prefix] or [weight, prefix, weight, prefix, ...]")
+        elif self.blend is not None:
             _check(len(self.blend) >= 2 and len(self.blend) % 2 == 0, "data.blend", self.blend,
-                   "must be a list [weight, prefix, weight, prefix, ...]")
+                   "must be a list [weight, prefix, weight, prefix, ...] (or [prefix])")
             for weight, prefix in zip(self.blend[::2], self.blend[1::2], strict=True):
                 _check(isinstance(weight, (int, float)) and not isinstance(weight, bool)
                        and weight > 0 and isinstance(prefix, str), "data.blend", self.blend,

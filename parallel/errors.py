@@ -11,4 +11,13 @@ from __future__ import annotations
 
 
 class UserError(ValueError):
-    """Bad input from the user. A ``ValueError``, so callers that catch those still work."""
+    """Bad input from the user. A ``ValueError``, so callers that catch those still work.
+
+    ``every_rank``: every process of a job meets this input alike (a config value, a shared
+    file), so one process (global rank 0) reports it. False for what one rank may meet alone
+    (its own shard of a checkpoint): that rank reports it.
+    """
+
+    def __init__(self, message: str, *, every_rank: bool = True):
+        super().__init__(message)
+        self.every_rank = every_rank

@@ -63,6 +63,10 @@ def test_config_values_are_checked_against_their_declared_type_and_range(overrid
     assert message in str(err.value)
 
 
+def test_a_blend_of_one_prefix_needs_no_weight():
+    assert load_config(TINY, ["data.blend=[data/a]"]).data.blend == ["data/a"]
+
+
 def test_eval_iters_zero_is_fine_when_evaluation_is_off():
     assert load_config(TINY, ["train.eval_iters=0", "train.eval_interval=0"]).train.eval_iters == 0
 
@@ -117,6 +121,14 @@ def test_garbage_tokenizer_files_are_named(tmp_path):
         (tmp_path / name).write_bytes(b"\x00garbage")
         with pytest.raises(UserError, match=rf"tokenizer '.*{name}': cannot read it"):
             load_tokenizer(str(tmp_path / name))
+
+
+def test_bad_records_name_file_and_line(tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    _fails(capsys, preprocess_main, ["--input", str(tmp_path / "bad.jsonl"), "--output-prefix",
+                                     str(tmp_path / "out"), "--quiet"],
+           "bad.jsonl:2: malformed JSON", "--skip-bad")
+    assert not list(tmp_path.glob("out*"))  # nothing half-written
 
 
 def test_unwritable_outputs_are_named(tmp_path, capsys):
@@ -190,6 +202,15 @@ def test_checkpoints_resume_with_new_training_knobs_and_damaged_ones_are_named(t
     assert "step_0000003: cannot load trainer.pt" in damaged.stderr
     assert "point " in damaged.stderr and "step_0000002" in damaged.stderr
     assert "Traceback" not in damaged.stderr
+    (tmp_path / "ckpt" / "latest").write_text("step_0000002\n")  # as the message suggests
+    for shard in (tmp_path / "ckpt" / "step_0000002").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:64])  # truncated shards
+    shards = _pretrain(tmp_path, "train.steps=4")
+    assert shards.returncode == 2, shards.stderr[-2000:]
+    assert "step_0000002: cannot load the model and optimizer shards" in shards.stderr
+    # Pointing latest back (a roll-back) set the newer step_3 aside, kept and never resumed.
+    assert (tmp_path / "ckpt" / "step_0000003.abandoned" / "trainer.pt").exists()
+    assert "Traceback" not in shards.stderr
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     as_file = _pretrain(tmp_path, "train.steps=2", f"checkpoint.dir={blocker}")

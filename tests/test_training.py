@@ -34,10 +34,22 @@ def test_metrics_file_has_the_promised_fields(reference):
     assert reference[0]["lr"] == pytest.approx(3e-3)  # step 1 of 1 warmup step: the peak lr
 
 
+def test_ep_runs_log_the_tokens_per_ep_rank_figure(reference):
+    """Per MoE layer, the most tokens an EP rank gets over the mean per rank (pool expert e on
+    rank e mod EP): logged overall and per layer at EP=2; one process has no such figure."""
+    rows = _rows("ep2", 2)[1:]
+    assert all("ep_load_max_over_mean" not in r for r in reference)
+    for r in rows:
+        by_layer = r["ep_load_max_over_mean_by_layer"]
+        assert len(by_layer) == 4 and all(1.0 <= x <= 2.0 for x in by_layer)
+        assert r["ep_load_max_over_mean"] == pytest.approx(sum(by_layer) / 4)
+
+
 @pytest.mark.parametrize("layout", ["tp2", "ep2", "pp2"])
 def test_same_loss_curve_as_one_process(layout, reference):
     rows = _rows(layout, 2)
-    for key in ("loss", "grad_norm", "balance_loss", "router_entropy", "val_loss"):
+    for key in ("loss", "grad_norm", "balance_loss", "ep_balance_loss", "router_entropy",
+                "val_loss"):
         ref = [r[key] for r in reference if key in r]
         got = [r[key] for r in rows if key in r]
         assert len(got) == len(ref) > 0

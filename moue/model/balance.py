@@ -35,17 +35,13 @@ from __future__ import annotations
 
 import torch
 
+from moue.model.registry import registry
 from moue.model.topology import Topology
 
 BALANCES: dict[str, type[Balance]] = {}
 
 
-def register_balance(name: str):
-    def register(cls):
-        cls.name = name
-        BALANCES[name] = cls
-        return cls
-    return register
+register_balance = registry(BALANCES)
 
 
 def uelb_loss(loads_E: torch.Tensor, probs_LE: torch.Tensor, share_E: torch.Tensor) -> torch.Tensor:

@@ -20,17 +20,13 @@ from typing import ClassVar
 
 import torch
 
+from moue.model.registry import registry
 from parallel.errors import UserError
 
 TOPOLOGIES: dict[str, type[Topology]] = {}
 
 
-def register_topology(name: str):
-    def register(cls):
-        cls.name = name
-        TOPOLOGIES[name] = cls
-        return cls
-    return register
+register_topology = registry(TOPOLOGIES)
 
 
 class Topology(ABC):

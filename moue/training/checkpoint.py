@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from parallel.compat import load_distributed_optimizer_state
 from parallel.errors import UserError
@@ -175,13 +176,13 @@ def _check_config(saved: dict, run_config, path: Path) -> None:
                         + "\nuse the same model/moe settings, or a new checkpoint.dir")
 
 
-def _unloadable(path: Path, what: str, err: Exception) -> UserError:
+def _unloadable(path: Path, what: str, err: Exception, every_rank: bool = True) -> UserError:
     previous = [p.name for p in step_checkpoints(path.parent) if p != path][-2:]
     hint = (f"point {path.parent / 'latest'} at an earlier one ({', '.join(previous)})"
             if previous else f"remove {path.parent / 'latest'} to start afresh")
     return UserError(f"checkpoint {path}: cannot load {what} ({type(err).__name__}: "
                      f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}); it is "
-                     f"damaged or incomplete: {hint}")
+                     f"damaged or incomplete: {hint}", every_rank=every_rank)
 
 
 def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection) -> dict:
@@ -201,8 +202,8 @@ def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection) 
             "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True,
                                                       metadata=SHARDING),
         }, str(path))
-    except Exception as err:
-        raise _unloadable(path, "the model and optimizer shards", err) from err
+    except (Exception, CheckpointException) as err:  # torch's is a BaseException
+        raise _unloadable(path, "the model and optimizer shards", err, every_rank=False) from err
     model.load_state_dict(loaded["model"])
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     for index, part in enumerate(parts):
@@ -214,7 +215,7 @@ def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection) 
         try:
             torch.set_rng_state(torch.load(rng)["cpu"])
         except Exception as err:
-            raise _unloadable(path, rng.name, err) from err
+            raise _unloadable(path, rng.name, err, every_rank=False) from err
     return {k: v for k, v in meta.items() if k != "config"}
 
 

@@ -124,7 +124,7 @@ class Trainer:
             keep_last=ckpt.keep_last)
 
     def resume(self) -> None:
-        """Load the newest complete checkpoint of ``checkpoint.dir``, if there is one."""
+        """Load the checkpoint ``checkpoint.dir/latest`` names, if there is one."""
         path = checkpoint.latest_checkpoint(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else None
         if path is not None:
             self.load_state_dict(checkpoint.load_checkpoint(
