@@ -6,7 +6,7 @@ its layer loop and its full-recompute checkpoints (so recompute sees it as an in
 have no cross-attention, so ``context`` is free. Across pipeline stages the state rides along
 the hidden states: the last layer of a non-last stage returns ``[hidden, state]`` concatenated
 on the channel axis and the first layer of the next stage splits it off again. The schedules
-must then send tensors ``state_dim`` channels wider (``moue.model.pipeline_shapes``).
+must then send tensors ``state_dim`` channels wider (``moue.model.builder.pipeline_shapes``).
 
 Shapes: hidden ``[s, b, h]``, state ``[s, b, d]`` (``s`` a shard under sequence parallelism).
 """

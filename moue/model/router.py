@@ -14,7 +14,7 @@ pre-/post-softmax top-k, z-loss and top-k scaling are Megatron's. The balance lo
 (``moue.model.balance``), not Megatron's per-layer aux loss (which would normalise by E, not W).
 
 Per step, elastic training may set ``expert_mask_E`` (experts kept; None = all) and the top-k
-(``moue.model.set_topk``, which also resizes Megatron's dispatchers).
+(``moue.model.builder.set_topk``, which also resizes Megatron's dispatchers).
 
 The state enters through ``state_in`` and leaves through ``state_out``, set by
 ``moue.model.layer.MoUETransformerLayer`` around the MoE forward. That is safe without recompute and
