@@ -96,7 +96,6 @@ def test_damaged_datasets_are_refused_by_data_info_and_training(dataset, capsys)
         check_dataset_tokenizer(str(dataset), load_tokenizer("byte"))
     Path(f"{dataset}.idx").write_bytes(b"garbage, not an index" * 4)
     _fails(capsys, data_info_main, [str(dataset)], "data.idx: not a readable Megatron index")
-    Path(f"{dataset}.meta.json").write_text("{not json")
 
 
 def test_tokens_beyond_the_vocabulary_without_a_meta_file_are_refused(dataset):
