@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
-from data_tools.megatron_data import read_lengths
-from data_tools.preprocess import output_paths
+from data_tools.megatron_data import read_lengths, read_meta
 
 
 def dataset_info(prefix: str) -> dict:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    paths = output_paths(prefix)
     lengths = read_lengths(prefix, "prefix")  # refuses a missing, damaged or truncated dataset
     ds = IndexedDataset(prefix)
     edges = [0] + [2**k for k in range(4, 21, 2)] + [np.inf]
     counts, _ = np.histogram(lengths, bins=edges)
-    meta = json.loads(paths["meta"].read_text()) if paths["meta"].exists() else {}
+    meta = read_meta(prefix) or {}
     return {
         "prefix": prefix,
         "documents": len(ds.document_indices) - 1,

@@ -116,24 +116,37 @@ def max_token_id(prefix: str) -> int:
     return max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=-1)
 
 
-def check_dataset_tokenizer(prefix: str, tokenizer: Tokenizer,
-                            vocab_size: int | None = None) -> None:
-    """Raise if ``prefix`` was preprocessed with another tokenizer than ``tokenizer``, or (for
-    a dataset made by another tool, with no ``.meta.json``) holds ids ``>= vocab_size``."""
-    meta_path = Path(f"{prefix}.meta.json")
-    read_lengths(prefix)
-    if not meta_path.exists():  # made by another tool: check the ids themselves
+def read_meta(prefix: str) -> dict | None:
+    """``PREFIX.meta.json`` (what moue-preprocess recorded), or None for a dataset made by
+    another tool; a damaged one is a ``UserError`` naming it."""
+    path = Path(f"{prefix}.meta.json")
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta.get("tokenizer"), dict):
+            raise KeyError("tokenizer")
+        return meta
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{path}: damaged ({type(err).__name__}); remove it (the tokenizer is "
+                        "then not checked) or run moue-preprocess again") from None
+
+
+def check_dataset_tokenizer(prefix: str, tokenizer: Tokenizer, vocab_size: int | None = None,
+                            field: str = "data.path") -> None:
+    """Raise if ``prefix`` (given as config ``field``) is damaged, was preprocessed with another
+    tokenizer than ``tokenizer``, or (for a dataset made by another tool, with no
+    ``.meta.json``) holds ids ``>= vocab_size``."""
+    read_lengths(prefix, field)
+    meta = read_meta(prefix)
+    if meta is None:  # made by another tool: check the ids themselves
         largest = max_token_id(prefix) if vocab_size else -1
         if vocab_size and largest >= vocab_size:
-            raise UserError(f"data.path={prefix}: holds token id {largest}, beyond "
+            raise UserError(f"{field}={prefix}: holds token id {largest}, beyond "
                             f"model.vocab_size={vocab_size}; raise model.vocab_size above "
                             f"{largest}, or preprocess the data with data.tokenizer")
         return
-    try:
-        recorded = json.loads(meta_path.read_text())["tokenizer"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{meta_path}: damaged ({type(err).__name__}); remove it (the tokenizer "
-                        "is then not checked) or run moue-preprocess again") from None
+    recorded = meta["tokenizer"]
     mine = tokenizer.describe()
     if (recorded["kind"], recorded["vocab_size"], recorded["eod"]) != (
             mine["kind"], mine["vocab_size"], mine["eod"]):
@@ -161,8 +174,9 @@ def gpt_datasets(*, seq_length: int, seed: int, num_samples: tuple[int, int, int
         if tokenizer is None:
             raise UserError("data.tokenizer is needed to read preprocessed data")
         prefixes, weights = _parse_blend(blend)
+        field = "data.path" if len(blend) == 1 else "data.blend"
         for prefix in prefixes:
-            check_dataset_tokenizer(prefix, tokenizer, vocab_size)
+            check_dataset_tokenizer(prefix, tokenizer, vocab_size, field)
         megatron_tok, cls, blend_arg = MegatronTokenizer.of(tokenizer), GPTDataset, (prefixes, weights)
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=blend_arg, split=split,

@@ -30,6 +30,12 @@ with exit status 2.
 """
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of processes, e.g. 8")
+    return int(text)
+
+
 def pretrain_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moue-pretrain", description="Pretrain a Mixture-of-Universal-Experts model.",
@@ -42,7 +48,7 @@ def pretrain_parser() -> argparse.ArgumentParser:
                         help="build nothing heavy: print one JSON object with parameter counts, "
                         "exposure per expert, virtual width, reuse factor, the layout and memory "
                         "estimates, then exit")
-    parser.add_argument("--world-size", type=int, default=None,
+    parser.add_argument("--world-size", type=_positive_int, default=None,
                         help="with --dry-run: check the layout for this many processes "
                         "(default: $WORLD_SIZE, else the smallest world the layout needs)")
     return parser
@@ -65,8 +71,9 @@ def pretrain(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from moue.dry_run import report
 
-            world = args.world_size or (int(os.environ["WORLD_SIZE"])
-                                        if os.environ.get("WORLD_SIZE", "").isdigit() else None)
+            world = args.world_size
+            if world is None and os.environ.get("WORLD_SIZE", "").isdigit():
+                world = int(os.environ["WORLD_SIZE"])
             print(json.dumps(report(cfg, world), indent=2))
             return 0
         from moue.training.trainer import run

@@ -42,9 +42,11 @@ def _typed(name: str, annotation: str, value):
     if value is None and "None" in kinds:
         return None
     if isinstance(value, str) and ("int" in kinds or "float" in kinds):
-        try:  # YAML 1.1 reads 1e-3 as a string
-            value = int(value) if "int" in kinds else float(value)
-        except ValueError:
+        try:  # YAML 1.1 reads 1e-3 (and 1e3) as a string
+            number = float(value)
+            value = int(number) if "int" in kinds and number.is_integer() else (
+                number if "float" in kinds else value)
+        except (ValueError, OverflowError):
             pass
     ok = {"bool": lambda v: isinstance(v, bool),
           "int": lambda v: isinstance(v, int) and not isinstance(v, bool),

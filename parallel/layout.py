@@ -58,8 +58,11 @@ class ParallelLayout:
         for name in ("world_size", "tp", "pp", "ep", "etp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                field = name if name == "world_size" else f"parallel.{name}"
-                raise UserError(f"{field}={value!r} must be a positive integer (1 turns it off).")
+                if name == "world_size":
+                    raise UserError(f"world_size={value!r}: the number of processes must be a "
+                                    "positive integer")
+                raise UserError(f"parallel.{name}={value!r} must be a positive integer "
+                                "(1 turns it off).")
         if self.ep == 1 and self.etp < self.tp:
             raise UserError(
                 f"parallel.etp={self.etp} < parallel.tp={self.tp} with parallel.ep=1: Megatron-Core "

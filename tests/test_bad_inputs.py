@@ -63,6 +63,14 @@ def test_config_values_are_checked_against_their_declared_type_and_range(overrid
     assert message in str(err.value)
 
 
+def test_whole_numbers_in_exponent_notation_are_integers_and_world_sizes_are_positive(capsys):
+    assert load_config(TINY, ["model.vocab_size=1e3"]).model.vocab_size == 1000
+    with pytest.raises(SystemExit) as code:
+        pretrain(["--config", TINY, "--dry-run", "--world-size", "0"])
+    assert code.value.code == 2
+    assert "--world-size: '0': give a number of processes" in capsys.readouterr().err
+
+
 def test_a_blend_of_one_prefix_needs_no_weight():
     assert load_config(TINY, ["data.blend=[data/a]"]).data.blend == ["data/a"]
 
@@ -107,12 +115,13 @@ def test_tokens_beyond_the_vocabulary_without_a_meta_file_are_refused(dataset):
         check_dataset_tokenizer(str(dataset), load_tokenizer("byte"), vocab_size=100)
 
 
-def test_damaged_meta_file_is_named(dataset):
+def test_damaged_meta_file_is_named(dataset, capsys):
     from data_tools.megatron_data import check_dataset_tokenizer
 
     Path(f"{dataset}.meta.json").write_text("{not json")
     with pytest.raises(UserError, match=r"data.meta.json: damaged"):
         check_dataset_tokenizer(str(dataset), load_tokenizer("byte"))
+    _fails(capsys, data_info_main, [str(dataset)], "data.meta.json: damaged (JSONDecodeError)")
 
 
 def test_garbage_tokenizer_files_are_named(tmp_path):
