@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 
 from moue.config import load_config
@@ -54,13 +55,18 @@ def pretrain_parser() -> argparse.ArgumentParser:
     return parser
 
 
+REPORT_GRACE_S = 3.0
+
+
 def report_user_error(prog: str, err: UserError) -> int:
     """Print a user error once per job and return the exit status 2: by global rank 0 when every
     rank meets the same input, else by the rank that met it."""
     rank = global_rank_from_env()
     if rank == 0 or not err.every_rank:
         where = f" (rank {rank})" if rank else ""
-        print(f"{prog}: error{where}: {err}", file=sys.stderr)
+        print(f"{prog}: error{where}: {err}", file=sys.stderr, flush=True)
+    else:  # the first exit makes torchrun stop the job: let rank 0 print its message first
+        time.sleep(REPORT_GRACE_S)
     return 2
 
 
