@@ -31,7 +31,6 @@ class Engine:
     model: DistributedDataParallel
     optimizer: object  # a MegatronOptimizer (chained into dense and expert parts when ep > 1)
     scheduler: OptimizerParamScheduler
-    config: TransformerConfig
 
     def forward_backward(self, forward_step, data_iterator, *, num_microbatches: int,
                          seq_length: int, micro_batch_size: int, forward_only: bool = False,
@@ -84,4 +83,4 @@ def build_engine(module: torch.nn.Module, config: TransformerConfig, train: Trai
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = model.no_sync
     config.grad_scale_func = optimizer.scale_loss
-    return Engine(model, optimizer, scheduler, config)
+    return Engine(model, optimizer, scheduler)
