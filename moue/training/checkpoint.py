@@ -145,11 +145,8 @@ def set_aside_newer(root: Path, latest: Path) -> list[Path]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The checkpoint ``root/latest`` names (None when there is none yet). Checkpoints newer
     than it are renamed ``*.abandoned`` (see the module docstring). Rank 0 renames; call it on
-    every rank."""
+    every rank, under ``run_lock`` (which also refuses a ``root`` that is not a directory)."""
     root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise UserError(f"checkpoint.dir={root}: is a file, not a directory; give a directory "
-                        "path (it is created if missing)")
     marker = root / "latest"
     if not marker.exists():
         return None

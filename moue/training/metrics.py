@@ -71,24 +71,25 @@ def ep_balance_figures(loads_LE: torch.Tensor, ep: int) -> dict:
             "ep_load_max_over_mean_by_layer": ratio_L.tolist()}
 
 
-def step_figures(raw: dict, num_microbatches: int, cfg, layout, pg_collection) -> dict:
-    """The logged figures of a step from ``Trainer.train_step``'s raw outputs. Every rank must
-    call it (it reduces Megatron's aux-loss tracker)."""
+def step_figures(raw: dict, num_microbatches: int, pg_collection, *, moe_layers: frozenset,
+                 ep_ranks: int) -> dict:
+    """The logged figures of a step from ``Trainer.train_step``'s raw outputs: ``moe_layers`` are
+    the 0-based MoE layers (Megatron's tracker has a slot for every layer), ``ep_ranks`` the EP
+    degree of the tokens-per-rank figure (none when 1). Every rank must call it (it reduces
+    Megatron's aux-loss tracker)."""
     metrics = dict(raw)
     tracked = tracked_moe_values(num_microbatches, pg_collection)
     metrics["balance_loss"] = sum(tracked.get("balance_loss", []))
     if "ep_balance_loss" in tracked:
         metrics["ep_balance_loss"] = sum(tracked["ep_balance_loss"])
-    moe_layers = set(cfg.model.moe_layers)  # Megatron's tracker has every layer's slot
     entropy = [e for i, e in enumerate(tracked.get("router_entropy", [])) if i in moe_layers]
     metrics["router_entropy"] = sum(entropy) / len(entropy) if entropy else None
     metrics["router_entropy_by_layer"] = entropy
     loads_LE = raw.get("loads_LE")
     if loads_LE is not None:
         metrics.update(load_figures(loads_LE))
-        ep = cfg.logging.ep_balance_ranks or layout.ep
-        if ep > 1:
-            metrics.update(ep_balance_figures(loads_LE, ep))
+        if ep_ranks > 1:
+            metrics.update(ep_balance_figures(loads_LE, ep_ranks))
     return metrics
 
 

@@ -99,6 +99,8 @@ class Trainer:
         self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp)
         self.clock = StepClock(flops_per_token(cfg.model, cfg.moe, cfg.topology()), device,
                                layout.world_size)
+        self.moe_layers = frozenset(cfg.model.moe_layers)  # for the per-layer figures
+        self.ep_ranks = cfg.logging.ep_balance_ranks or layout.ep  # of the EP-balance figure
 
     def build_module(self, megatron_config) -> torch.nn.Module:
         """This rank's model chunk (a Megatron module whose ``config`` the engine steps with).
@@ -187,15 +189,17 @@ class Trainer:
                 "skipped": not ok, **self.clock.stop(tokens), "loads_LE": loads_LE}
 
     def _note_stop(self, bar, step: int) -> None:
-        """Say that the run stopped cleanly on a signal; global rank 0 also writes it to
+        """Say once (global rank 0) that the run stopped cleanly on a signal, also into
         ``$MOUE_STOP_FILE`` (set by the launch scripts, whose torchrun exits 1 after a signal)."""
         ckpt = self.cfg.checkpoint.dir
         note = (f"moue: stopped by signal after step {step}; "
                 + (f"checkpoint saved in {ckpt}: run the same command again to resume"
                    if ckpt else "no checkpoint.dir, so nothing was saved"))
+        if torch.distributed.get_rank() != 0:
+            return
         bar.write(note)
         stop_file = os.environ.get("MOUE_STOP_FILE")
-        if stop_file and torch.distributed.get_rank() == 0:
+        if stop_file:
             Path(stop_file).write_text(note + "\n")
 
     def _skip_step(self, loss: float) -> dict:
@@ -235,8 +239,8 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.state.step, disable=not logger.enabled,
                    desc="train", unit="step")
         while self.state.step < t.steps:
-            metrics = step_figures(self.train_step(), self.num_microbatches, self.cfg,
-                                   self.layout, self.pg)
+            metrics = step_figures(self.train_step(), self.num_microbatches, self.pg,
+                                   moe_layers=self.moe_layers, ep_ranks=self.ep_ranks)
             step = self.state.step
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
                 metrics["val_loss"] = self.evaluate()
@@ -267,7 +271,8 @@ def run(cfg: RunConfig) -> None:
 
 def train(cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> Trainer:
     """Build and train on an initialised world (``run`` starts one; tests reuse theirs)."""
-    check_run(cfg, layout.world_size)
+    if check_run(cfg, layout.world_size) != layout:
+        raise ValueError(f"the layout {layout.describe()} is not the one cfg.parallel gives")
     with checkpoint.run_lock(cfg.checkpoint.dir, cfg.logging.dir):
         launch.seed_everything(cfg.train.seed)
         trainer = Trainer(cfg, layout, device)
