@@ -1,16 +1,11 @@
 """Run configuration: frozen sections loaded from YAML with dotted ``key=value`` overrides.
 
-Every field is checked against its declared type when a section is built, whether from a file,
-an override or Python (``_Section``): ``"false"`` is not a bool and a list is not a number.
-Numbers written as strings (YAML 1.1 reads ``1e-3`` as one) are taken as the number they spell.
-The type checks are done here rather than by a validation library: the sections are a few small
-frozen dataclasses and the messages must name the field and the fix, which a hand-written check
-does in a dozen lines without a new dependency.
-
-Each section then validates its own values (``UserError`` naming the field, the value and the
-fix); ``RunConfig`` checks the rules that span sections, and builds the run's topology once
-(``RunConfig.topology``), which checks every rule of the pool's shape. Nothing here has side
-effects. Megatron's ``TransformerConfig`` is built from these in ``moue.model.megatron_config``.
+Every field is type-checked when a section is built (``moue.sections.Section``). Each section
+then validates its own values (``UserError`` naming the field, the value and the fix);
+``RunConfig`` checks the rules that span sections, and builds the run's topology once
+(``RunConfig.topology``), which checks every rule of the pool's shape. The ``elastic`` section
+belongs to ``moue.elastic``. Nothing here has side effects. Megatron's ``TransformerConfig`` is
+built from these in ``moue.model.megatron_config``.
 """
 
 from __future__ import annotations
@@ -22,72 +17,15 @@ from pathlib import Path
 
 import yaml
 
+from moue.elastic.config import Choices, ElasticConfig, resolve
 from moue.model.balance import BALANCES
 from moue.model.topology import TOPOLOGIES, Topology, build_topology
+from moue.sections import Section, check, one_of, positive
 from parallel.errors import UserError
 
 
-def _check(ok: bool, name: str, value, fix: str):
-    if not ok:
-        raise UserError(f"{name}={value!r}: {fix}")
-
-
-_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false",
-               "str": "a string", "list": "a list"}
-
-
-def _typed(name: str, annotation: str, value):
-    """``value`` as the declared type of field ``name``, or a ``UserError`` naming both."""
-    kinds = annotation.replace(" ", "").split("|")
-    if value is None and "None" in kinds:
-        return None
-    if isinstance(value, str) and ("int" in kinds or "float" in kinds):
-        try:  # YAML 1.1 reads 1e-3 (and 1e3) as a string
-            number = float(value)
-            value = int(number) if "int" in kinds and number.is_integer() else (
-                number if "float" in kinds else value)
-        except (ValueError, OverflowError):
-            pass
-    ok = {"bool": lambda v: isinstance(v, bool),
-          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          "str": lambda v: isinstance(v, str),
-          "list": lambda v: isinstance(v, list)}
-    if any(ok[k](value) for k in kinds if k in ok):
-        return float(value) if kinds[0] == "float" else value
-    wanted = " or ".join([_TYPE_NAMES[k] for k in kinds if k in _TYPE_NAMES]
-                         + (["null"] if "None" in kinds else []))
-    hint = " (write true or false, without quotes)" if "bool" in kinds else ""
-    raise UserError(f"{name}={value!r}: must be {wanted}{hint}")
-
-
-class _Section:
-    """A config section: type-checks every field, then runs the section's ``_validate``."""
-
-    section: str = ""
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = _typed(f"{self.section}.{f.name}", f.type, getattr(self, f.name))
-            object.__setattr__(self, f.name, value)
-        self._validate()
-
-    def _validate(self):
-        pass
-
-
-def _positive(section: str, obj, *names: str):
-    for n in names:
-        v = getattr(obj, n)
-        _check(v >= 1, f"{section}.{n}", v, "must be a positive integer")
-
-
-def _one_of(name: str, value, choices):
-    _check(value in choices, name, value, f"must be one of {', '.join(map(str, choices))}")
-
-
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     section = "model"
     num_layers: int = 4
     hidden_size: int = 64
@@ -100,19 +38,19 @@ class ModelConfig(_Section):
     normalization: str = "RMSNorm"
 
     def _validate(self):
-        _positive("model", self, "num_layers", "hidden_size", "num_attention_heads",
+        positive("model", self, "num_layers", "hidden_size", "num_attention_heads",
                   "seq_length", "vocab_size", "ffn_hidden_size")
-        _check(self.moe_layer_freq >= 0, "model.moe_layer_freq", self.moe_layer_freq,
+        check(self.moe_layer_freq >= 0, "model.moe_layer_freq", self.moe_layer_freq,
                "must be an integer >= 0 (0 builds the dense model, without MoE layers)")
         if self.num_query_groups is not None:
-            _positive("model", self, "num_query_groups")
-            _check(self.num_attention_heads % self.num_query_groups == 0,
+            positive("model", self, "num_query_groups")
+            check(self.num_attention_heads % self.num_query_groups == 0,
                    "model.num_query_groups", self.num_query_groups,
                    f"must divide model.num_attention_heads={self.num_attention_heads}")
-        _check(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
+        check(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
                self.hidden_size, f"must be a multiple of model.num_attention_heads="
                f"{self.num_attention_heads}")
-        _one_of("model.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
+        one_of("model.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
 
     @property
     def dense(self) -> bool:
@@ -126,12 +64,12 @@ class ModelConfig(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MoEConfig(_Section):
+class MoEConfig(Section):
     section = "moe"
     num_experts: int = 16  # E: the size of the pool
     expert_ffn_hidden_size: int = 64
     topk: int = 2
-    topology: str = "rotational"  # standard | rotational | full
+    topology: str = "rotational"  # standard | rotational | full | explicit
     window: int = 8  # w (rotational)
     stride: int = 4  # s (rotational)
     shared_experts: int = 0  # always-on experts, each of expert_ffn_hidden_size
@@ -145,25 +83,29 @@ class MoEConfig(_Section):
     dispatcher: str = "alltoall"  # alltoall | allgather
     ep_balance_coeff: float = 0.0  # per-layer balance over EP-rank groups (moue.model.balance)
     ep_balance_groups: int = 0  # groups (pool expert e in group e mod G); 0: parallel.ep
+    eligibility: list | None = None  # explicit topology: each MoE layer's pool ids
 
     def _validate(self):
-        _positive("moe", self, "num_experts", "expert_ffn_hidden_size", "topk", "window",
+        positive("moe", self, "num_experts", "expert_ffn_hidden_size", "topk", "window",
                   "stride")
         for n in ("shared_experts", "router_state_dim"):
             v = getattr(self, n)
-            _check(v >= 0, f"moe.{n}", v, "must be an integer >= 0")
-        _one_of("moe.topology", self.topology, sorted(TOPOLOGIES))
-        _one_of("moe.balance", self.balance, sorted(BALANCES))
-        _one_of("moe.score_function", self.score_function, ("softmax", "sigmoid"))
-        _one_of("moe.dispatcher", self.dispatcher, ("alltoall", "allgather"))
-        _check(self.ep_balance_groups >= 0, "moe.ep_balance_groups", self.ep_balance_groups,
+            check(v >= 0, f"moe.{n}", v, "must be an integer >= 0")
+        one_of("moe.topology", self.topology, sorted(TOPOLOGIES))
+        one_of("moe.balance", self.balance, sorted(BALANCES))
+        one_of("moe.score_function", self.score_function, ("softmax", "sigmoid"))
+        one_of("moe.dispatcher", self.dispatcher, ("alltoall", "allgather"))
+        check(self.ep_balance_groups >= 0, "moe.ep_balance_groups", self.ep_balance_groups,
                "must be an integer >= 0 (0: parallel.ep)")
         for n in ("balance_coeff", "aux_free_rate", "z_loss_coeff", "ep_balance_coeff"):
-            _check(getattr(self, n) >= 0, f"moe.{n}", getattr(self, n), "must be >= 0")
+            check(getattr(self, n) >= 0, f"moe.{n}", getattr(self, n), "must be >= 0")
+        check((self.eligibility is not None) == (self.topology == "explicit"), "moe.eligibility",
+              self.eligibility, "is set with moe.topology=explicit (one list of pool ids per MoE "
+              "layer) and only then")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ParallelConfig(_Section):
+class ParallelConfig(Section):
     section = "parallel"
     tp: int = 1
     pp: int = 1
@@ -171,13 +113,13 @@ class ParallelConfig(_Section):
     etp: int | None = None  # None: tp when ep == 1, else 1 (see parallel.layout)
 
     def _validate(self):
-        _positive("parallel", self, "tp", "pp", "ep")
+        positive("parallel", self, "tp", "pp", "ep")
         if self.etp is not None:
-            _positive("parallel", self, "etp")
+            positive("parallel", self, "etp")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     section = "train"
     micro_batch_size: int = 2
     global_batch_size: int = 8
@@ -197,33 +139,33 @@ class TrainConfig(_Section):
     on_nan: str = "stop"  # stop | skip: what a NaN/Inf loss does (skip: no update, data moves on)
 
     def _validate(self):
-        _positive("train", self, "micro_batch_size", "global_batch_size", "steps")
-        _one_of("train.on_nan", self.on_nan, ("stop", "skip"))
-        _check(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
+        positive("train", self, "micro_batch_size", "global_batch_size", "steps")
+        one_of("train.on_nan", self.on_nan, ("stop", "skip"))
+        check(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
                self.global_batch_size,
                f"must be a multiple of train.micro_batch_size={self.micro_batch_size}")
-        _check(0 <= self.warmup_steps < self.steps, "train.warmup_steps", self.warmup_steps,
+        check(0 <= self.warmup_steps < self.steps, "train.warmup_steps", self.warmup_steps,
                f"must be a whole number below train.steps={self.steps}")
-        _one_of("train.schedule", self.schedule, ("cosine", "wsd"))
-        _one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
-        _check(self.lr > 0, "train.lr", self.lr, "must be a positive learning rate, e.g. 3e-4")
-        _check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr,
+        one_of("train.schedule", self.schedule, ("cosine", "wsd"))
+        one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        check(self.lr > 0, "train.lr", self.lr, "must be a positive learning rate, e.g. 3e-4")
+        check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr,
                f"must be between 0 and train.lr={self.lr} (the schedule decays from lr to min_lr)")
         for n in ("adam_beta1", "adam_beta2"):
-            _check(0 <= getattr(self, n) < 1, f"train.{n}", getattr(self, n),
+            check(0 <= getattr(self, n) < 1, f"train.{n}", getattr(self, n),
                    "must be in [0, 1), e.g. 0.9 and 0.95")
         for n in ("weight_decay", "clip_grad"):
-            _check(getattr(self, n) >= 0, f"train.{n}", getattr(self, n), "must be >= 0 (0: off)")
-        _check(self.eval_interval >= 0, "train.eval_interval", self.eval_interval,
+            check(getattr(self, n) >= 0, f"train.{n}", getattr(self, n), "must be >= 0 (0: off)")
+        check(self.eval_interval >= 0, "train.eval_interval", self.eval_interval,
                "must be an integer >= 0 (0 turns evaluation off)")
-        _check(self.eval_iters >= 1 or self.eval_interval == 0, "train.eval_iters",
+        check(self.eval_iters >= 1 or self.eval_interval == 0, "train.eval_iters",
                self.eval_iters, "must be at least 1 batch while train.eval_interval > 0 "
                "(set train.eval_interval=0 to turn evaluation off)")
-        _check(self.seed >= 0, "train.seed", self.seed, "must be an integer >= 0")
+        check(self.seed >= 0, "train.seed", self.seed, "must be an integer >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     section = "data"
     path: str | None = None  # prefix of a Megatron indexed dataset (.bin/.idx)
     blend: list | None = None  # [weight, prefix, weight, prefix, ...]
@@ -233,7 +175,7 @@ class DataConfig(_Section):
     seed: int | None = None  # order of the train and validation samples; None: train.seed
 
     def _validate(self):
-        _check(self.mock or self.path or self.blend, "data.path", self.path,
+        check(self.mock or self.path or self.blend, "data.path", self.path,
                "set data.path (or data.blend) to a preprocessed dataset, or data.mock=true "
                "for synthetic tokens")
         parts = self.split.replace("/", ",").split(",")
@@ -241,38 +183,38 @@ class DataConfig(_Section):
             shares = [float(p) for p in parts]
         except ValueError:
             shares = []
-        _check(len(shares) == 3 and min(shares) >= 0 and shares[0] > 0, "data.split", self.split,
+        check(len(shares) == 3 and min(shares) >= 0 and shares[0] > 0, "data.split", self.split,
                "must be three non-negative weights train,valid,test with train > 0, e.g. 98,2,0")
         if self.blend is not None and len(self.blend) == 1:  # one dataset: [prefix]
-            _check(isinstance(self.blend[0], str), "data.blend", self.blend,
+            check(isinstance(self.blend[0], str), "data.blend", self.blend,
                    "must be [prefix] or [weight, prefix, weight, prefix, ...]")
         elif self.blend is not None:
-            _check(len(self.blend) >= 2 and len(self.blend) % 2 == 0, "data.blend", self.blend,
+            check(len(self.blend) >= 2 and len(self.blend) % 2 == 0, "data.blend", self.blend,
                    "must be a list [weight, prefix, weight, prefix, ...] (or [prefix])")
             for weight, prefix in zip(self.blend[::2], self.blend[1::2], strict=True):
-                _check(isinstance(weight, (int, float)) and not isinstance(weight, bool)
+                check(isinstance(weight, (int, float)) and not isinstance(weight, bool)
                        and weight > 0 and isinstance(prefix, str), "data.blend", self.blend,
                        "must alternate positive weights and dataset prefixes, e.g. "
                        "[0.7, data/web, 0.3, data/code]")
-        _check(self.seed is None or self.seed >= 0, "data.seed", self.seed,
+        check(self.seed is None or self.seed >= 0, "data.seed", self.seed,
                "must be an integer >= 0, or null for train.seed")
 
 
 @dataclass(frozen=True, kw_only=True)
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     section = "checkpoint"
     dir: str | None = None  # None: no checkpoints
     interval: int = 0  # steps between checkpoints; 0 turns periodic checkpoints off
     keep_last: int = 2
 
     def _validate(self):
-        _check(self.interval >= 0, "checkpoint.interval",
+        check(self.interval >= 0, "checkpoint.interval",
                self.interval, "must be an integer >= 0 (0 turns periodic checkpoints off)")
-        _positive("checkpoint", self, "keep_last")
+        positive("checkpoint", self, "keep_last")
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     section = "logging"
     dir: str = "runs/latest"  # TensorBoard events and plots
     interval: int = 1  # steps between logged lines
@@ -280,8 +222,8 @@ class LoggingConfig(_Section):
     ep_balance_ranks: int = 0  # EP degree of the tokens-per-EP-rank figure; 0: the run's own
 
     def _validate(self):
-        _positive("logging", self, "interval")
-        _check(self.ep_balance_ranks >= 0, "logging.ep_balance_ranks", self.ep_balance_ranks,
+        positive("logging", self, "interval")
+        check(self.ep_balance_ranks >= 0, "logging.ep_balance_ranks", self.ep_balance_ranks,
                "must be an integer >= 0 (0: the run's parallel.ep)")
 
 
@@ -292,7 +234,7 @@ TRAINING_KNOBS = ("balance", "balance_coeff", "aux_free_rate", "z_loss_coeff", "
 
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig,
             "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
-            "logging": LoggingConfig}
+            "logging": LoggingConfig, "elastic": ElasticConfig}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -304,28 +246,34 @@ class RunConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(mock=True))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
     def __post_init__(self):
         for name, cls in SECTIONS.items():
-            _check(isinstance(getattr(self, name), cls), name, getattr(self, name),
+            check(isinstance(getattr(self, name), cls), name, getattr(self, name),
                    f"must be a {cls.__name__}")
         topology = None
         if self.model.dense:  # the moe section is not used
-            _check(self.parallel.ep == 1, "parallel.ep", self.parallel.ep,
+            check(self.parallel.ep == 1, "parallel.ep", self.parallel.ep,
                    "the dense model (model.moe_layer_freq=0) has no experts to split; "
                    "use parallel.ep=1 (its ranks then do data parallelism)")
         else:  # built once per run; checks every rule of the pool's shape
             moe = self.moe
             groups = moe.ep_balance_groups
-            _check(not groups or moe.num_experts % groups == 0, "moe.ep_balance_groups", groups,
+            check(not groups or moe.num_experts % groups == 0, "moe.ep_balance_groups", groups,
                    f"must divide moe.num_experts={moe.num_experts} (or 0 for parallel.ep)")
             ranks = self.logging.ep_balance_ranks
-            _check(not ranks or moe.num_experts % ranks == 0, "logging.ep_balance_ranks", ranks,
+            check(not ranks or moe.num_experts % ranks == 0, "logging.ep_balance_ranks", ranks,
                    f"must divide moe.num_experts={moe.num_experts} (or 0 for parallel.ep)")
             topology = build_topology(moe.topology, num_layers=len(self.model.moe_layers),
                                       num_experts=moe.num_experts, topk=moe.topk,
-                                      window=moe.window, stride=moe.stride)
-        object.__setattr__(self, "_topology", topology)  # not a field: asdict/eq ignore it
+                                      window=moe.window, stride=moe.stride,
+                                      eligibility=moe.eligibility)
+            choices = resolve(self.elastic, num_layers=self.model.num_layers,
+                              num_experts=moe.num_experts, topk=moe.topk,
+                              window=topology.window, block_size=topology.block_size(moe.stride))
+        object.__setattr__(self, "_topology", topology)  # not fields: asdict/eq ignore them
+        object.__setattr__(self, "_elastic_choices", choices)
 
     @property
     def data_seed(self) -> int:
@@ -335,6 +283,10 @@ class RunConfig:
     def topology(self) -> Topology | None:
         """The eligibility topology of the MoE layers (built once); None for the dense model."""
         return self._topology
+
+    def elastic_choices(self) -> Choices | None:
+        """The elastic axes' resolved choices (``moue.elastic.config``); None for the dense model."""
+        return self._elastic_choices
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

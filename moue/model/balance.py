@@ -28,6 +28,14 @@ averaged over layers (1 when a layer spreads evenly over the groups). Like ``per
 the micro-batch's own counts (over the sequence-parallel group), so it is the same under every
 layout for a fixed ``G``.
 
+Under an elastic sub-model (``set_eligibility``) the step's effective eligibility is the topology
+mask without the skipped layers' rows and the dropped experts' columns. Its share ``Q'`` and its
+number of MoE layers ``L'`` replace ``Q`` and ``L`` for that step (``per_layer`` uses the kept
+window ``W'``). The loads a sub-model step leaves are stored as ``F_e / Q'_e * Q_e`` (an expert
+that step could not reach keeps ``Q_e``), so that the next step's weight ``F_e / Q_e`` is the
+expert's load relative to its share under the eligibility it was measured with (1 = balanced).
+``aux_free`` nudges the bias toward ``Q'`` (an unreachable expert's bias does not move).
+
 This module does no communication: routers hand it token-summed statistics.
 """
 
@@ -83,6 +91,23 @@ class Balance(torch.nn.Module):
         self.register_buffer("bias_E", torch.zeros(topology.num_experts))
         self.register_buffer("counts_LE", torch.zeros(topology.num_layers, topology.num_experts),
                              persistent=False)
+        self.set_eligibility(None)
+
+    def set_eligibility(self, mask_LE: torch.Tensor | None) -> None:
+        """The step's effective eligibility [L, E] (skipped layers' rows all False), or None for
+        the whole model (``moue.elastic.apply`` sets it)."""
+        self.active_share_E = None
+        self.active_layers, self.active_window = self.num_layers, self.window
+        if mask_LE is not None:
+            rows = mask_LE[mask_LE.any(dim=1)].float()
+            self.active_layers, self.active_window = rows.shape[0], int(rows[0].sum())
+            self.active_share_E = (rows / rows.sum(dim=1, keepdim=True)).mean(dim=0).to(
+                self.share_E.device)
+
+    @property
+    def step_share_E(self) -> torch.Tensor:
+        """The share of each expert under this step's eligibility (Q or Q')."""
+        return self.share_E if self.active_share_E is None else self.active_share_E
 
     @property
     def counts_E(self) -> torch.Tensor:
@@ -108,7 +133,7 @@ class Balance(torch.nn.Module):
         if not self.ep_coeff or self.ep_groups == 1:
             return None
         return group_switch_loss(tokens_per_expert_E, probs_sum_E, tokens,
-                                 self.ep_groups) / self.num_layers
+                                 self.ep_groups) / self.active_layers
 
     def selection_bias(self) -> torch.Tensor | None:
         """Bias added to scores for top-k selection only (aux_free), or None."""
@@ -119,7 +144,12 @@ class Balance(torch.nn.Module):
         """Take the step's counts, summed over all ranks, as the next step's loads F."""
         total = global_counts_E.sum()
         if total > 0:
-            self.loads_E.copy_(global_counts_E / total)
+            loads_E = global_counts_E / total
+            if self.active_share_E is not None:  # relative to the sub-model's shares
+                reached_E = self.active_share_E > 0
+                loads_E = torch.where(reached_E, loads_E / self.active_share_E.clamp(min=1e-30)
+                                      * self.share_E, self.share_E)
+            self.loads_E.copy_(loads_E)
         self.counts_LE.zero_()
 
 
@@ -130,7 +160,7 @@ register_balance("none")(Balance)
 class UniversalExpertLoadBalance(Balance):
     def layer_loss(self, probs_sum_E, tokens, tokens_per_expert_E):
         weight_E = self.loads_E / self.share_E  # F_e / Q_e: fixed within the step
-        return (weight_E * probs_sum_E).sum() / (tokens * self.num_layers)
+        return (weight_E * probs_sum_E).sum() / (tokens * self.active_layers)
 
 
 @register_balance("per_layer")
@@ -139,7 +169,8 @@ class PerLayerBalance(Balance):
 
     def layer_loss(self, probs_sum_E, tokens, tokens_per_expert_E):
         fraction_E = tokens_per_expert_E / tokens_per_expert_E.sum()
-        return switch_loss(fraction_E, probs_sum_E / tokens, self.window) / self.num_layers
+        return (switch_loss(fraction_E, probs_sum_E / tokens, self.active_window)
+                / self.active_layers)
 
 
 @register_balance("aux_free")
@@ -153,7 +184,7 @@ class AuxFreeBalance(Balance):
     def end_step(self, global_counts_E):
         total = global_counts_E.sum()
         if total > 0:
-            self.bias_E += self.rate * torch.sign(self.share_E - global_counts_E / total)
+            self.bias_E += self.rate * torch.sign(self.step_share_E - global_counts_E / total)
         super().end_step(global_counts_E)
 
 

@@ -81,21 +81,6 @@ def _register_shared(decoder: torch.nn.Module, pool, shared: SharedRouting) -> N
         decoder.expert_embedding = shared.embedding
 
 
-def set_topk(model: GPTModel, k: int) -> None:
-    """Route every MoE layer's tokens to ``k`` experts from the next forward on (elastic
-    training). Megatron's dispatchers size their buffers from the shared config's
-    ``moe_router_topk`` (megatron-core 0.19) or their own ``router_topk``, so all move together."""
-    layers = [layer for layer in model.decoder.layers if layer.is_moe_layer]
-    if not 1 <= k <= layers[0].mlp.router.shared.topology.window:
-        raise ValueError(f"top-k {k}: must be between 1 and the window "
-                         f"({layers[0].mlp.router.shared.topology.window})")
-    for layer in layers:
-        layer.mlp.router.topk = k
-        layer.mlp.router.config.moe_router_topk = k
-        if hasattr(layer.mlp.token_dispatcher, "router_topk"):
-            layer.mlp.token_dispatcher.router_topk = k
-
-
 def balance_modules(model_chunks) -> list:
     """The balance modules of a model (one per chunk), for ``parallel.pool_sync``."""
     return [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, Balance)]

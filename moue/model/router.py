@@ -13,8 +13,18 @@ shared by all layers, ``r`` [s, b, d] the token's trajectory state (``r_0 = 0``)
 pre-/post-softmax top-k, z-loss and top-k scaling are Megatron's. The balance loss is the pool's
 (``moue.model.balance``), not Megatron's per-layer aux loss (which would normalise by E, not W).
 
-Per step, elastic training may set ``expert_mask_E`` (experts kept; None = all) and the top-k
-(``moue.model.builder.set_topk``, which also resizes Megatron's dispatchers).
+Elastic training (``moue.elastic.apply``, the one place that changes these) sets per step the
+experts kept (``shared.elastic.keep_E``: the others are masked out like experts outside the
+window), the top-k (``config.moe_router_topk``, read by this router's ``topk`` and by Megatron's
+dispatchers), and the Elastic MoE options (docs/elastic.md):
+
+- co-activation sampling: with probability ``p`` per sequence position (the same for every
+  sample, drawn from the step's seed and the layer, so every layout draws alike), a token takes
+  its ``k_ideal`` best experts and keeps ``k`` of them at random; the kept gates are what top-k
+  routing would give those experts (renormalised like Megatron's top-k, except pre-softmax);
+- router sharpening: ``KL(sg(q) || p)`` per token with ``p`` the routing distribution over the
+  window and ``q ~ p^2`` its sharpened copy (target without gradient), averaged over tokens and
+  layers, times ``sharpen_coeff``: the router learns a confident ranking beyond its top k.
 
 The state enters through ``state_in`` and leaves through ``state_out``, set by
 ``moue.model.layer.MoUETransformerLayer`` around the MoE forward. That is safe without recompute and
@@ -26,7 +36,7 @@ when recompute options are added, that one must be refused while the state is on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core.transformer.moe.moe_utils import (
@@ -46,13 +56,26 @@ MASKED = -1.0e9  # behaves as -inf in fp32 softmax/sigmoid without producing NaN
 
 
 @dataclass
+class ElasticRouting:
+    """The step's elastic settings that every router reads (set by ``moue.elastic.apply``)."""
+
+    keep_E: torch.Tensor | None = None  # pool experts kept this step; None: all
+    coactivation_prob: float = 0.0
+    k_ideal: int = 0
+    seed: int = 0  # the step's seed of co-activation sampling
+    sharpen_coeff: float = 0.0
+
+
+@dataclass
 class SharedRouting:
-    """What every router of a model shares: the topology, the balance state and U."""
+    """What every router of a model shares: the topology, the balance state, U and the step's
+    elastic settings."""
 
     topology: Topology
     balance: Balance
     embedding: UniversalEmbedding | None  # None when router_state_dim == 0
     moe_layer_freq: int
+    elastic: ElasticRouting = field(default_factory=ElasticRouting)
 
 
 def _biased_topk(logits_TE, bias_E, topk, score_function):
@@ -61,7 +84,9 @@ def _biased_topk(logits_TE, bias_E, topk, score_function):
         scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
     else:
         scores_TE = torch.sigmoid(logits_TE.float())
-    top_TK = torch.topk(scores_TE + bias_E, k=topk, dim=-1).indices
+    # Experts outside the window (and dropped ones) stay out whatever their bias.
+    biased_TE = (scores_TE + bias_E).masked_fill(logits_TE <= MASKED / 2, float("-inf"))
+    top_TK = torch.topk(biased_TE, k=topk, dim=-1).indices
     routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, top_TK, True)
     gates_TE = scores_TE * routing_map_TE
     return (gates_TE / gates_TE.sum(dim=-1, keepdim=True)).type_as(logits_TE), routing_map_TE
@@ -84,9 +109,19 @@ class UniversalRouter(TopKRouter):
                              persistent=False)
         self.register_buffer("eligible_W", torch.zeros(topology.window, dtype=torch.long),
                              persistent=False)
-        self.expert_mask_E: torch.Tensor | None = None
         self.state_in: torch.Tensor | None = None
         self.state_out: torch.Tensor | None = None
+
+    @property
+    def topk(self) -> int:
+        """The step's top-k: the shared config's, which Megatron's dispatchers read too."""
+        return self.config.moe_router_topk
+
+    @topk.setter
+    def topk(self, k: int):
+        if k != self.config.moe_router_topk:  # Megatron's __init__ sets it to the config's
+            raise AttributeError("the top-k is set through moue.elastic.apply, for every router "
+                                 "and dispatcher at once")
 
     def set_layer_number(self, layer_number: int):
         super().set_layer_number(layer_number)
@@ -109,8 +144,9 @@ class UniversalRouter(TopKRouter):
         logits_sbE = logits_sbW.new_full((*logits_sbW.shape[:-1], self.shared.topology.num_experts),
                                          MASKED)
         logits_sbE = logits_sbE.index_copy(-1, self.eligible_W, logits_sbW)
-        if self.expert_mask_E is not None:
-            logits_sbE = logits_sbE.masked_fill(~self.expert_mask_E, MASKED)
+        keep_E = self.shared.elastic.keep_E
+        if keep_E is not None:
+            logits_sbE = logits_sbE.masked_fill(~keep_E, MASKED)
         return logits_sbE
 
     def routing(self, logits: torch.Tensor, padding_mask=None):
@@ -120,17 +156,16 @@ class UniversalRouter(TopKRouter):
         s, b, num_experts = logits.shape
         logits_TE = self.apply_z_loss(logits.view(-1, num_experts))
         balance = self.shared.balance
-        bias_E = balance.selection_bias()
-        if bias_E is None:
-            probs_TE, map_TE = topk_routing_with_score_function(
-                logits_TE, self.topk, use_pre_softmax=self.config.moe_router_pre_softmax,
-                scaling_factor=self.config.moe_router_topk_scaling_factor,
-                score_function=self.score_function)
-        else:
-            probs_TE, map_TE = _biased_topk(logits_TE, bias_E, self.topk, self.score_function)
-        if self.training and torch.is_grad_enabled():
+        probs_TE, map_TE = self._select(logits_TE, self.topk)
+        elastic = self.shared.elastic
+        training = self.training and torch.is_grad_enabled()
+        if training and elastic.coactivation_prob > 0:
+            probs_TE, map_TE = self._coactivate(logits_TE, probs_TE, map_TE, s, b)
+        if training:
             # Counted once per forward: under full recompute the first pass runs without grad.
             probs_TE = self._attach_balance_loss(logits_TE, probs_TE, map_TE)
+            if elastic.sharpen_coeff:
+                probs_TE = self._attach_sharpening_loss(logits_TE, probs_TE)
             with torch.no_grad():
                 balance.count(self.moe_index, map_TE)
                 self._record_entropy(logits_TE)
@@ -140,6 +175,50 @@ class UniversalRouter(TopKRouter):
                 self.state_in.float() + moved_sbD, (self.state_dim,)).type_as(self.state_in)
         order = self.megatron_to_pool
         return probs_TE[:, order], map_TE[:, order]
+
+    def _select(self, logits_TE, topk):
+        """Top-k gates and routing map [T, E] (Megatron's, or aux_free's biased selection)."""
+        bias_E = self.shared.balance.selection_bias()
+        if bias_E is not None:
+            return _biased_topk(logits_TE, bias_E, topk, self.score_function)
+        return topk_routing_with_score_function(
+            logits_TE, topk, use_pre_softmax=self.config.moe_router_pre_softmax,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+            score_function=self.score_function)
+
+    def _coactivate(self, logits_TE, probs_TE, map_TE, s, b):
+        """Co-activation sampling (module docstring): sampled positions keep a random k of their
+        k_ideal best experts. Draws depend on the step, the layer and the global sequence
+        position only (under sequence parallelism this rank holds positions offset..offset+s)."""
+        elastic, k = self.shared.elastic, self.topk
+        ideal_probs_TE, ideal_map_TE = self._select(logits_TE, elastic.k_ideal)
+        seq = s * self.tp_cp_group.size() if self.config.sequence_parallel else s
+        offset = s * self.tp_cp_group.rank() if self.config.sequence_parallel else 0
+        gen = torch.Generator().manual_seed(elastic.seed + 7919 * self.moe_index)
+        sampled_S = (torch.rand(seq, generator=gen) < elastic.coactivation_prob)[offset:offset + s]
+        keys_SE = torch.rand(seq, logits_TE.shape[1], generator=gen)[offset:offset + s]
+        device = logits_TE.device
+        sampled_T = sampled_S.to(device).repeat_interleave(b)  # tokens are [s, b] flattened
+        keys_TE = keys_SE.to(device).repeat_interleave(b, dim=0).masked_fill(~ideal_map_TE, -1.0)
+        kept_TE = torch.zeros_like(ideal_map_TE).scatter(1, keys_TE.topk(k, dim=-1).indices, True)
+        gates_TE = ideal_probs_TE * kept_TE
+        if not self.config.moe_router_pre_softmax:
+            total_T = ideal_probs_TE.sum(dim=-1, keepdim=True)
+            gates_TE = gates_TE / gates_TE.sum(dim=-1, keepdim=True).clamp(min=1e-20) * total_T
+        rows_T1 = sampled_T[:, None]
+        return torch.where(rows_T1, gates_TE, probs_TE), torch.where(rows_T1, kept_TE, map_TE)
+
+    def _attach_sharpening_loss(self, logits_TE, probs_TE):
+        """Router sharpening (module docstring), through Megatron's aux-loss attachment."""
+        log_p_TE = torch.log_softmax(logits_TE.float(), dim=-1)
+        log_q_TE = torch.log_softmax(2.0 * logits_TE.float(), dim=-1).detach()
+        kl_sum = (log_q_TE.exp() * (log_q_TE - log_p_TE)).sum()
+        tokens = logits_TE.shape[0] * self.tp_cp_group.size()
+        loss = kl_sum / (tokens * self.shared.balance.active_layers)
+        coeff = self.shared.elastic.sharpen_coeff
+        return self.attach_and_log_load_balancing_loss(
+            probs_TE, coeff, coeff * loss, "router_sharpen_loss", self.tp_cp_group,
+            valid_token_count=logits_TE.shape[0])
 
     def _record_entropy(self, logits_TE):
         """Mean entropy of the routing distribution over the window / log(W), in Megatron's

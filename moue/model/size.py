@@ -14,22 +14,35 @@ from moue.config import ModelConfig, MoEConfig
 from moue.model.topology import Topology
 
 
-def param_counts(model: ModelConfig, moe: MoEConfig, topology: Topology | None) -> dict[str, int]:
-    """Parameters by part (whole model, all ranks together); ``topology`` None: dense."""
+def _dims(model: ModelConfig, moe: MoEConfig, topology: Topology | None, sub) -> tuple:
+    """(layers, MoE layers, window, pool experts, top-k) of the model, or of the elastic
+    sub-model ``sub`` (``moue.elastic.SubModel``: kept layers, kept pool experts, k)."""
+    if topology is None:  # dense: the moe section builds nothing
+        layers = model.num_layers if sub is None else len(sub.layers)
+        return layers, 0, 0, 0, 0
+    if sub is None:
+        return (model.num_layers, len(model.moe_layers), topology.window, moe.num_experts,
+                moe.topk)
+    kept_moe = [i for i in model.moe_layers if i in sub.layers]
+    window = int(topology.mask_LE[0, list(sub.experts)].sum())  # the same in every layer
+    return len(sub.layers), len(kept_moe), window, len(sub.experts), sub.topk
+
+
+def param_counts(model: ModelConfig, moe: MoEConfig, topology: Topology | None,
+                 sub=None) -> dict[str, int]:
+    """Parameters by part (whole model, all ranks together); ``topology`` None: dense; ``sub``
+    an elastic sub-model (what ``moue-export`` keeps of it)."""
     h, heads = model.hidden_size, model.num_attention_heads
     kv = h // heads
     groups = model.num_query_groups or heads
     norm = h * (2 if model.normalization == "LayerNorm" else 1)
     attention = h * (heads + 2 * groups) * kv + heads * kv * h + norm  # qkv, proj, input norm
-    n_moe = len(model.moe_layers)
-    n_dense = model.num_layers - n_moe
-    window = topology.window if topology else 0  # dense: the moe section builds nothing
-    pool = moe.num_experts if topology else 0
+    layers, n_moe, window, pool, _ = _dims(model, moe, topology, sub)
     return {
         "embedding": model.vocab_size * h,
         "output_layer": model.vocab_size * h,
-        "attention": model.num_layers * attention,
-        "dense_mlp": n_dense * (2 * h * model.ffn_hidden_size + norm),
+        "attention": layers * attention,
+        "dense_mlp": (layers - n_moe) * (2 * h * model.ffn_hidden_size + norm),
         "moe_norms": n_moe * norm,
         "routers": n_moe * window * h,
         "shared_experts": n_moe * moe.shared_experts * expert_params(model, moe),
@@ -43,16 +56,24 @@ def expert_params(model: ModelConfig, moe: MoEConfig) -> int:
     return 2 * model.hidden_size * moe.expert_ffn_hidden_size
 
 
-def active_params(model: ModelConfig, moe: MoEConfig, parts: dict[str, int]) -> int:
-    """Parameters applied to one token: all but the pool, plus top-k experts per MoE layer."""
-    routed = len(model.moe_layers) * moe.topk * expert_params(model, moe)
+def active_params(model: ModelConfig, moe: MoEConfig, parts: dict[str, int],
+                  topology: Topology | None = None, sub=None) -> int:
+    """Parameters applied to one token: all but the pool, plus top-k experts per MoE layer
+    (of the sub-model ``sub`` when given, which then needs the ``topology``)."""
+    n_moe, topk = len(model.moe_layers), moe.topk
+    if sub is not None:
+        _, n_moe, _, _, topk = _dims(model, moe, topology, sub)
+    routed = n_moe * topk * expert_params(model, moe)
     return sum(parts.values()) - parts["pool"] + routed
 
 
-def flops_per_token(model: ModelConfig, moe: MoEConfig, topology: Topology | None) -> float:
+def flops_per_token(model: ModelConfig, moe: MoEConfig, topology: Topology | None,
+                    sub=None) -> float:
     """Training FLOPs per token (forward + backward): 6 x the non-embedding parameters applied
     to a token (only activated experts: ``topk`` per MoE layer), plus causal attention,
-    6 * L * s * h (QK^T and AV, 2 * 2 * s * h per layer forward, halved by the causal mask, x3)."""
-    parts = param_counts(model, moe, topology)
-    applied = active_params(model, moe, parts) - parts["embedding"]
-    return 6.0 * applied + 6.0 * model.num_layers * model.seq_length * model.hidden_size
+    6 * L * s * h (QK^T and AV, 2 * 2 * s * h per layer forward, halved by the causal mask, x3).
+    ``sub``: of that elastic sub-model."""
+    parts = param_counts(model, moe, topology, sub)
+    applied = active_params(model, moe, parts, topology, sub) - parts["embedding"]
+    layers = model.num_layers if sub is None else len(sub.layers)
+    return 6.0 * applied + 6.0 * layers * model.seq_length * model.hidden_size

@@ -6,6 +6,8 @@ Shapes: ``L`` MoE layers, ``E`` pool experts, ``W`` experts per window (equal fo
 - ``rotational``: a ring; layer ``l`` sees ``{(l*s + j) mod E : j < w}``. Adjacent layers share
   ``w - s`` experts. With ``w = s = N`` and ``E = L*N`` it equals ``standard``.
 - ``full``: every layer sees the whole pool.
+- ``explicit``: the pool ids of each layer's window, listed (``moe.eligibility``); what
+  ``moue-export`` writes for a sub-model (its kept layers' windows over its kept experts).
 
 A topology is a small registered class; add one by subclassing ``Topology`` with
 ``@register_topology("name")``. Derived figures (reported at start and by ``--dry-run``):
@@ -40,8 +42,9 @@ class Topology(ABC):
     name: ClassVar[str]
 
     def __init__(self, *, num_layers: int, num_experts: int, topk: int, window: int = 1,
-                 stride: int = 1):
+                 stride: int = 1, eligibility: list | None = None):
         self.num_layers, self.num_experts, self.topk = num_layers, num_experts, topk
+        self.eligibility = eligibility
         self.mask_LE = self._mask(window, stride).bool()
         sizes = self.mask_LE.sum(dim=1)
         if not bool((sizes == sizes[0]).all()):
@@ -55,6 +58,11 @@ class Topology(ABC):
     @abstractmethod
     def _mask(self, window: int, stride: int) -> torch.Tensor:
         """The boolean eligibility mask [L, E]."""
+
+    def block_size(self, stride: int) -> int | None:
+        """Size of the blocks of consecutive pool experts that every window is made of whole
+        (elastic width keeps the same number from each block); None when there are none."""
+        return None
 
     @property
     def window(self) -> int:
@@ -95,6 +103,9 @@ class Standard(Topology):
         layer_of_expert = torch.arange(self.num_experts) // per_layer
         return layer_of_expert[None, :] == torch.arange(self.num_layers)[:, None]
 
+    def block_size(self, stride):
+        return self.num_experts // self.num_layers
+
 
 @register_topology("rotational")
 class Rotational(Topology):
@@ -108,11 +119,36 @@ class Rotational(Topology):
             mask[layer, (layer * stride + torch.arange(window)) % self.num_experts] = True
         return mask
 
+    def block_size(self, stride):
+        whole = self.num_experts % stride == 0 and self.window % stride == 0
+        return stride if whole else None
+
 
 @register_topology("full")
 class Full(Topology):
     def _mask(self, window, stride):
         return torch.ones(self.num_layers, self.num_experts, dtype=torch.bool)
+
+    def block_size(self, stride):
+        return self.num_experts
+
+
+@register_topology("explicit")
+class Explicit(Topology):
+    def _mask(self, window, stride):
+        rows = self.eligibility
+        if not isinstance(rows, list) or len(rows) != self.num_layers or not all(
+                isinstance(r, list) and r for r in rows):
+            raise UserError(f"moe.eligibility={rows!r}: the explicit topology needs one list of "
+                            f"pool ids per MoE layer ({self.num_layers} lists)")
+        mask = torch.zeros(self.num_layers, self.num_experts, dtype=torch.bool)
+        for layer, ids in enumerate(rows):
+            if not all(isinstance(e, int) and 0 <= e < self.num_experts for e in ids) or len(
+                    set(ids)) != len(ids):
+                raise UserError(f"moe.eligibility[{layer}]={ids}: must list distinct pool ids "
+                                f"in [0, {self.num_experts}) (moe.num_experts={self.num_experts})")
+            mask[layer, ids] = True
+        return mask
 
 
 def build_topology(kind: str, **numbers) -> Topology:

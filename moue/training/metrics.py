@@ -11,6 +11,12 @@ ppl``); MoUE adds ``moue/balance-loss``, ``moue/pool-load-max-over-mean``, ``mou
 per-layer x per-expert load heatmap image (``moue/expert-load``). Only one rank writes
 (``parallel.reduce.is_logging_rank``).
 
+Elastic runs log each step's sub-model (``submodel``, ``submodel_layers``, ``submodel_experts``,
+``submodel_topk``) and, per sub-model, the running mean of its last ``SubModelFigures.WINDOW``
+losses and tokens/s (``submodel_loss``, ``submodel_tokens_per_s``; TensorBoard
+``elastic/loss/<sub-model>`` and ``elastic/tokens-per-s/<sub-model>``). A sub-model step's load
+figures cover the experts and layers it kept.
+
 Expert-parallel balance: pool expert ``e`` sits on EP rank ``e mod EP`` (``moue.model.pool``),
 so a layer's tokens per EP rank are its assignment counts summed over ``e mod EP``. Per layer
 the figure is max over ranks / mean over ranks (1 = even; the slowest rank sets the layer's
@@ -37,7 +43,10 @@ TB_NAMES = {"loss": "lm loss", "lr": "learning-rate", "grad_norm": "grad-norm",
             "load_cv": "moue/pool-load-cv", "router_entropy": "moue/router-entropy",
             "ep_load_max_over_mean": "moue/ep-load-max-over-mean",
             "ep_balance_loss": "moue/ep-balance-loss",
-            "tflops": "throughput/tflops", "mfu": "throughput/mfu"}
+            "tflops": "throughput/tflops", "mfu": "throughput/mfu",
+            "router_sharpen_loss": "elastic/router-sharpen-loss", "submodel_layers": "elastic/layers",
+            "submodel_experts": "elastic/experts", "submodel_topk": "elastic/topk"}
+PER_SUBMODEL = {"submodel_loss": "elastic/loss", "submodel_tokens_per_s": "elastic/tokens-per-s"}
 PER_LAYER = {"router_entropy_by_layer": "moue/router-entropy",
              "ep_load_max_over_mean_by_layer": "moue/ep-load-max-over-mean"}
 
@@ -80,17 +89,49 @@ def step_figures(raw: dict, num_microbatches: int, pg_collection, *, moe_layers:
     metrics = dict(raw)
     tracked = tracked_moe_values(num_microbatches, pg_collection)
     metrics["balance_loss"] = sum(tracked.get("balance_loss", []))
-    if "ep_balance_loss" in tracked:
-        metrics["ep_balance_loss"] = sum(tracked["ep_balance_loss"])
+    for name in ("ep_balance_loss", "router_sharpen_loss"):
+        if name in tracked:
+            metrics[name] = sum(tracked[name])
     entropy = [e for i, e in enumerate(tracked.get("router_entropy", [])) if i in moe_layers]
     metrics["router_entropy"] = sum(entropy) / len(entropy) if entropy else None
     metrics["router_entropy_by_layer"] = entropy
     loads_LE = raw.get("loads_LE")
+    active_LE = metrics.pop("active_LE", None)  # an elastic sub-model's effective eligibility
     if loads_LE is not None:
-        metrics.update(load_figures(loads_LE))
+        if active_LE is not None:
+            rows, cols = active_LE.any(dim=1), active_LE.any(dim=0)
+            metrics.update(load_figures(loads_LE[rows][:, cols.to(loads_LE.device)]))
+            loads_LE = loads_LE[rows.to(loads_LE.device)]
+        else:
+            metrics.update(load_figures(loads_LE))
         if ep_ranks > 1:
             metrics.update(ep_balance_figures(loads_LE, ep_ranks))
     return metrics
+
+
+class SubModelFigures:
+    """Running loss and tokens/s of each elastic sub-model over its last ``WINDOW`` steps
+    (checkpointed with the trainer, so a resumed run logs what an uninterrupted one does)."""
+
+    WINDOW = 20
+
+    def __init__(self):
+        self.history: dict[str, list[tuple[float, float]]] = {}
+
+    def update(self, sub, loss: float, tokens_per_s: float) -> dict:
+        seen = self.history.setdefault(sub.label, [])
+        seen.append((loss, tokens_per_s))
+        del seen[:-self.WINDOW]
+        return {"submodel": sub.label, "submodel_layers": len(sub.layers),
+                "submodel_experts": len(sub.experts), "submodel_topk": sub.topk,
+                "submodel_loss": sum(x for x, _ in seen) / len(seen),
+                "submodel_tokens_per_s": sum(t for _, t in seen) / len(seen)}
+
+    def state_dict(self) -> dict:
+        return {k: list(v) for k, v in self.history.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {k: [tuple(x) for x in v] for k, v in state.items()}
 
 
 class StepClock:
@@ -178,6 +219,9 @@ class MetricsLogger:
         for key, tag in PER_LAYER.items():
             for layer, value in enumerate(metrics.get(key) or []):
                 self.writer.add_scalar(f"{tag}/moe-layer-{layer}", value, step)
+        for key, tag in PER_SUBMODEL.items():
+            if key in metrics:
+                self.writer.add_scalar(f"{tag}/{metrics['submodel']}", metrics[key], step)
 
     def log_heatmap(self, step: int) -> None:
         if self.enabled and self.last_loads is not None:

@@ -5,6 +5,10 @@
 (``data_tools.megatron_data``). ``fit()`` steps it; step metrics are derived in
 ``moue.training.metrics`` and checkpoints written by ``moue.training.checkpoint``.
 
+Elastic training (``elastic.enabled``): before each optimizer step the step's sub-model is drawn
+(``moue.elastic.schedule``, from ``(train.seed, step)`` alone) and put onto the model
+(``moue.elastic.apply``); evaluation runs the full model.
+
 Data order: step ``k`` reads global samples ``[k*G, (k+1)*G)`` of the train split (``G`` the
 global batch), each data-parallel rank its contiguous slice in micro-batches, so the order is
 the same under every layout and a resumed run continues exactly.
@@ -25,6 +29,10 @@ from tqdm import tqdm
 from data_tools.megatron_data import gpt_datasets
 from data_tools.tokenizer import load_tokenizer
 from moue.config import RunConfig
+from moue.elastic.apply import apply_submodel, effective_mask
+from moue.elastic.schedule import Schedule
+from moue.elastic.submodel import SubModel
+from moue.elastic.submodel import full as full_submodel
 from moue.model.builder import balance_modules, build_model, pipeline_shapes
 from moue.model.init import init_by_global_key
 from moue.model.megatron_config import transformer_config
@@ -32,7 +40,7 @@ from moue.model.size import flops_per_token
 from moue.run_check import check_run
 from moue.training import checkpoint
 from moue.training.engine import build_engine
-from moue.training.metrics import MetricsLogger, StepClock, step_figures
+from moue.training.metrics import MetricsLogger, StepClock, SubModelFigures, step_figures
 from parallel import launch
 from parallel.errors import UserError
 from parallel.layout import ParallelLayout
@@ -101,6 +109,11 @@ class Trainer:
                                layout.world_size)
         self.moe_layers = frozenset(cfg.model.moe_layers)  # for the per-layer figures
         self.ep_ranks = cfg.logging.ep_balance_ranks or layout.ep  # of the EP-balance figure
+        choices = cfg.elastic_choices()
+        self.schedule = (Schedule(cfg.elastic, choices, cfg.train.seed)
+                         if cfg.elastic.enabled else None)
+        self.full = full_submodel(choices) if choices else None
+        self.submodel_figures = SubModelFigures()
 
     def build_module(self, megatron_config) -> torch.nn.Module:
         """This rank's model chunk (a Megatron module whose ``config`` the engine steps with).
@@ -112,11 +125,25 @@ class Trainer:
     # --- checkpointed state beside the model and the optimizer ---
 
     def state_dict(self) -> dict:
-        return {"scheduler": self.engine.scheduler.state_dict(), "state": asdict(self.state)}
+        return {"scheduler": self.engine.scheduler.state_dict(), "state": asdict(self.state),
+                "submodel_figures": self.submodel_figures.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.engine.scheduler.load_state_dict(state["scheduler"])
         self.state = TrainState(**state["state"])
+        self.submodel_figures.load_state_dict(state.get("submodel_figures", {}))
+
+    # --- elastic sub-models ---
+
+    def use_submodel(self, sub: SubModel | None, routing_seed: int = 0) -> None:
+        """Compute ``sub`` (None: the full model) from the next forward on."""
+        if self.full is None:
+            return
+        e = self.cfg.elastic
+        apply_submodel(self.model.module, sub or self.full,
+                       coactivation_prob=e.coactivation_prob if self.schedule else 0.0,
+                       k_ideal=self.cfg.elastic_choices().k_ideal, routing_seed=routing_seed,
+                       sharpen_coeff=e.sharpen_coeff if self.schedule else 0.0)
 
     def save(self) -> None:
         ckpt = self.cfg.checkpoint
@@ -174,6 +201,13 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics (the same numbers on every rank)."""
+        sub = None
+        if self.schedule is not None:
+            draw = self.schedule.draw(self.state.step)
+            sub = draw.submodel
+            self.use_submodel(sub, draw.routing_seed)
+            cfg = self.cfg
+            self.clock.flops_per_token = flops_per_token(cfg.model, cfg.moe, cfg.topology(), sub)
         self.clock.start()
         loss = self._run_schedule(self.train_data, self.state.consumed_samples, forward_only=False)
         if not math.isfinite(loss):
@@ -185,8 +219,13 @@ class Trainer:
         loads_LE = finish_step_loads(self.balances)
         self._advance()
         tokens = self.cfg.train.global_batch_size * self.cfg.model.seq_length
-        return {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                "skipped": not ok, **self.clock.stop(tokens), "loads_LE": loads_LE}
+        metrics = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "skipped": not ok, **self.clock.stop(tokens), "loads_LE": loads_LE}
+        if sub is not None:
+            metrics["active_LE"] = effective_mask(self.cfg.topology(), self.cfg.model.moe_layer_freq,
+                                                  sub)
+            metrics.update(self.submodel_figures.update(sub, loss, metrics["tokens_per_s"]))
+        return metrics
 
     def _note_stop(self, bar, step: int) -> None:
         """Say once (global rank 0) that the run stopped cleanly on a signal, also into
@@ -217,7 +256,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the first ``eval_iters`` global batches of the validation split."""
+        """Mean loss over the first ``eval_iters`` global batches of the validation split, of the
+        full model (elastic runs) unless a sub-model was put on with ``use_submodel`` after."""
         self.model.eval()
         try:
             g = self.cfg.train.global_batch_size
@@ -243,6 +283,7 @@ class Trainer:
                                    moe_layers=self.moe_layers, ep_ranks=self.ep_ranks)
             step = self.state.step
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
+                self.use_submodel(None)
                 metrics["val_loss"] = self.evaluate()
             logger.log_step(step, metrics, last=step == t.steps)
             bar.update(1)

@@ -5,7 +5,8 @@ from functools import partial
 import torch
 from megatron.core import parallel_state
 
-from moue.model.builder import set_topk
+from moue.elastic.apply import apply_submodel
+from moue.elastic.submodel import SubModel
 from parallel.launch import init_model_parallel, seed_everything
 from tests.distributed import Cases
 from tests.megatron_gpt import (
@@ -283,12 +284,7 @@ def _elastic_hooks() -> dict:
     """Experts 0 and 5 masked out, top-1, layer 2 skipped: what the pool's counts show."""
     built = _one_process_model()
     model, balance = built.model, built.model.decoder.pool_balance
-    keep_E = torch.ones(8, dtype=torch.bool)
-    keep_E[[0, 5]] = False
-    for layer in model.decoder.layers:
-        layer.mlp.router.expert_mask_E = keep_E
-    set_topk(model, 1)
-    model.decoder.layers[2].skip = True
+    apply_submodel(model, SubModel(layers=(0, 1, 3), experts=(1, 2, 3, 4, 6, 7), topk=1))
     balance.counts_LE.zero_()
     _one_step(model, built.data)
     counts = balance.counts_E.clone()

@@ -1,0 +1,118 @@
+"""The ``elastic:`` config section and the rules that tie it to the model.
+
+Three axes, each drawn independently per optimizer step: depth (``layers``: kept layer counts),
+width (``experts``: kept pool experts) and top-k (``topk``). Each axis takes its full value with
+probability ``*_full_prob``, else one of its reduced choices uniformly. A choice list left null
+takes ERNIE 5.0's defaults (``resolve``): 3/4 of the layers, half the pool, every k below the
+configured one. ``elastic.enabled=false`` (the default) changes nothing in a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moue.sections import Section, check, one_of
+from parallel.errors import UserError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ElasticConfig(Section):
+    section = "elastic"
+    enabled: bool = False
+    layers: list | None = None  # reduced depths; null: [round(3/4 * model.num_layers)]
+    layers_full_prob: float = 0.75
+    layers_policy: str = "spread"  # spread (evenly spaced, first and last kept) | random
+    experts: list | None = None  # reduced pool sizes; null: [moe.num_experts / 2]
+    experts_full_prob: float = 0.8
+    experts_policy: str = "random"  # random (a fresh subset per block) | nested (first of each)
+    topk: list | None = None  # reduced top-k; null: 1 .. moe.topk - 1
+    topk_full_prob: float = 0.8
+    coactivation_prob: float = 0.0  # Elastic MoE: a token keeps k random of its k_ideal best
+    k_ideal: int | None = None  # null: moe.topk + 1
+    sharpen_coeff: float = 0.0  # router sharpening loss coefficient (0: off)
+
+    def _validate(self):
+        for axis in ("layers", "experts", "topk"):
+            prob = getattr(self, f"{axis}_full_prob")
+            check(0 <= prob <= 1, f"elastic.{axis}_full_prob", prob,
+                  "must be a probability in [0, 1]")
+            choices = getattr(self, axis)
+            if choices is not None:
+                check(all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
+                          for c in choices), f"elastic.{axis}", choices,
+                      "must be a list of positive integers, e.g. [2, 3] (or null for the default)")
+        one_of("elastic.layers_policy", self.layers_policy, ("spread", "random"))
+        one_of("elastic.experts_policy", self.experts_policy, ("random", "nested"))
+        check(0 <= self.coactivation_prob <= 1, "elastic.coactivation_prob",
+              self.coactivation_prob, "must be a probability in [0, 1] (0: off)")
+        check(self.sharpen_coeff >= 0, "elastic.sharpen_coeff", self.sharpen_coeff,
+              "must be >= 0 (0: off)")
+
+
+@dataclass(frozen=True)
+class Choices:
+    """The resolved reduced choices of each axis (sorted, below the full value) and the full
+    values themselves: what the schedule draws from and what ``--family`` enumerates."""
+
+    layers: tuple[int, ...]
+    experts: tuple[int, ...]
+    topk: tuple[int, ...]
+    num_layers: int
+    num_experts: int
+    full_topk: int
+    block_size: int | None  # pool experts per width block (moue.model.topology)
+    k_ideal: int
+
+
+def resolve(elastic: ElasticConfig, *, num_layers: int, num_experts: int, topk: int,
+            window: int, block_size: int | None) -> Choices:
+    """Check the section against the model and fill in the defaults (``UserError`` naming the
+    field, the value and the fix). ``block_size`` is the topology's (None: no width axis)."""
+    blocks = num_experts // block_size if block_size else None
+
+    def width_ok(m: int) -> bool:
+        return bool(blocks) and m % blocks == 0 and (m // blocks) * window // block_size >= topk
+
+    layers = elastic.layers
+    if layers is None:
+        layers = [d for d in [round(0.75 * num_layers)] if 1 <= d < num_layers]
+    for d in layers:
+        check(1 <= d <= num_layers, "elastic.layers", elastic.layers,
+              f"every depth must be between 1 and model.num_layers={num_layers}")
+    experts = elastic.experts
+    if experts is None:
+        experts = [m for m in [num_experts // 2] if m >= 1 and width_ok(m)]
+    elif any(m < num_experts for m in experts) and not block_size:
+        raise UserError(f"elastic.experts={experts}: this topology's windows are not made of "
+                        "whole blocks of moe.stride experts (moe.num_experts and moe.window must "
+                        "be multiples of moe.stride), so width cannot keep every window's share; "
+                        "set elastic.experts=[]")
+    for m in experts:
+        check(m <= num_experts, "elastic.experts", experts,
+              f"every width must be at most moe.num_experts={num_experts}")
+        check(m == num_experts or width_ok(m), "elastic.experts", experts,
+              f"a width must be a multiple of the {blocks} blocks of {block_size} pool experts "
+              f"and keep at least moe.topk={topk} experts in every window of {window} "
+              f"(e.g. {_widths(num_experts, blocks, block_size, window, topk)})")
+    choices = elastic.topk if elastic.topk is not None else list(range(1, topk))
+    k_ideal = elastic.k_ideal if elastic.k_ideal is not None else topk + 1
+    for k in choices:
+        check(1 <= k <= window, "elastic.topk", elastic.topk,
+              f"every top-k must be between 1 and the window ({window} experts)")
+        smallest = min([window, *((m // blocks) * window // block_size for m in experts)])
+        check(k <= smallest, "elastic.topk", elastic.topk,
+              f"a top-k must fit the narrowest window of the sub-models ({smallest} experts)")
+    if elastic.coactivation_prob > 0:
+        check(topk < k_ideal <= window, "elastic.k_ideal", k_ideal,
+              f"must be above moe.topk={topk} and at most the window ({window} experts)")
+    return Choices(tuple(sorted({d for d in layers if d < num_layers})),
+                   tuple(sorted({m for m in experts if m < num_experts})),
+                   tuple(sorted({k for k in choices if k != topk})), num_layers, num_experts,
+                   topk, block_size, k_ideal)
+
+
+def _widths(num_experts, blocks, block_size, window, topk) -> str:
+    if not blocks:
+        return "none: this topology has no blocks"
+    ok = [j * blocks for j in range(1, block_size + 1) if j * window // block_size >= topk]
+    return ", ".join(map(str, ok)) or "none"
