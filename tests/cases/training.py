@@ -20,16 +20,23 @@ CONFIG = "examples/configs/tiny_cpu.yaml"
 SHORT = ["train.steps=3", "train.warmup_steps=1", "train.eval_interval=3", "train.eval_iters=1",
          "train.global_batch_size=8", "train.micro_batch_size=2", "model.seq_length=64",
          "logging.interval=1"]
-LAYOUTS = {"single": (1, 1, 1), "tp2": (2, 1, 1), "ep2": (1, 1, 2), "pp2": (1, 2, 1)}
+LAYOUTS = {"single": (1, 1, 1), "dp2": (1, 1, 1), "tp2": (2, 1, 1), "ep2": (1, 1, 2),
+           "pp2": (1, 2, 1), "tp2_ep2": (2, 1, 2)}
+# Elastic training with every axis reduced often, co-activation sampling and router sharpening.
+ELASTIC = ["train.steps=8", "train.eval_interval=8", "elastic.enabled=true",
+           "elastic.layers_full_prob=0.5", "elastic.experts_full_prob=0.5",
+           "elastic.topk_full_prob=0.5", "elastic.coactivation_prob=0.5",
+           "elastic.sharpen_coeff=0.01"]
 
 
-def _train(name: str) -> list | None:
+def _train(name: str, *extra: str) -> list | None:
     """Train 3 steps; the logging rank returns the rows of metrics.jsonl, the others None."""
     tp, pp, ep = LAYOUTS[name]
     world = torch.distributed.get_world_size()
-    out = Path(tempfile.gettempdir()) / f"moue-train-{os.environ['MASTER_PORT']}" / name
+    tag = name + ("-elastic" if extra else "")
+    out = Path(tempfile.gettempdir()) / f"moue-train-{os.environ['MASTER_PORT']}" / tag
     cfg = load_config(CONFIG, [*SHORT, f"parallel.tp={tp}", f"parallel.pp={pp}",
-                               f"parallel.ep={ep}", f"logging.dir={out}"])
+                               f"parallel.ep={ep}", f"logging.dir={out}", *extra])
     layout = ParallelLayout(world_size=world, tp=tp, pp=pp, ep=ep)
     init_model_parallel(layout)
     train(cfg, layout, torch.device("cpu"))
@@ -41,6 +48,9 @@ def _train(name: str) -> list | None:
 CASES.add("train[single]", partial(_train, "single"), nproc=1)
 for _name in ("tp2", "ep2", "pp2"):
     CASES.add(f"train[{_name}]", partial(_train, _name), nproc=2)
+CASES.add("elastic[single]", partial(_train, "single", *ELASTIC), nproc=1)
+for _name in ("dp2", "tp2", "ep2", "pp2", "tp2_ep2"):
+    CASES.add(f"elastic[{_name}]", partial(_train, _name, *ELASTIC), nproc=2)
 
 
 # --- Checkpoints: exact resume -----------------------------------------------------------------
@@ -51,10 +61,11 @@ RESUME = ["train.steps=4", "train.warmup_steps=1", "train.eval_interval=0",
 
 def _losses(path: Path) -> dict:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: [r["loss"], r.get("submodel"), r.get("submodel_loss")]
+            for r in rows if "loss" in r}
 
 
-def _resume_case(name: str, interrupt: str) -> dict:
+def _resume_case(name: str, interrupt: str, *extra_config: str) -> dict:
     """Uninterrupted 4 steps vs. interrupted after step 2 (how: ``interrupt``) and resumed."""
     import moue.training.checkpoint as checkpoint
     import moue.training.trainer as training
@@ -65,8 +76,11 @@ def _resume_case(name: str, interrupt: str) -> dict:
     layout = ParallelLayout(world_size=world, tp=tp, pp=pp, ep=ep)
     par = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}"]
 
+    base = base / ("elastic" if extra_config else "plain")
+
     def run(tag, *extra):
-        cfg = load_config(CONFIG, [*RESUME, *par, f"logging.dir={base / tag}", *extra])
+        cfg = load_config(CONFIG, [*RESUME, *par, f"logging.dir={base / tag}", *extra,
+                                   *extra_config])
         init_model_parallel(layout)
         train(cfg, layout, torch.device("cpu"))
         torch.distributed.barrier()
@@ -107,6 +121,16 @@ def _resume_case(name: str, interrupt: str) -> dict:
 for _how in ("sigterm", "crash_after_checkpoint", "crash_during_save"):
     CASES.add(f"resume[single,{_how}]", partial(_resume_case, "single", _how), nproc=1)
 CASES.add("resume[ep2,sigterm]", partial(_resume_case, "ep2", "sigterm"), nproc=2)
+# Step 4 draws a reduced sub-model (layers=3,experts=8,topk=1).
+ELASTIC_RESUME = ("elastic.enabled=true", "elastic.layers_full_prob=0.5",
+                  "elastic.experts_full_prob=0.5", "elastic.topk_full_prob=0.5",
+                  "elastic.coactivation_prob=0.5", "elastic.sharpen_coeff=0.01",
+                  "moe.balance=aux_free")
+CASES.add("resume[ep2,sigterm,elastic]",
+          partial(_resume_case, "ep2", "sigterm", *ELASTIC_RESUME), nproc=2)
+CASES.add("elastic_always_full[single]",
+          partial(_train, "single", "elastic.enabled=true", "elastic.layers_full_prob=1",
+                  "elastic.experts_full_prob=1", "elastic.topk_full_prob=1"), nproc=1)
 
 
 # --- Non-finite losses ---------------------------------------------------------------------
