@@ -17,7 +17,8 @@ from parallel.launch import global_rank_from_env
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
 # Deprecation notices from inside torch / Megatron-Core that a user cannot act on.
 warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor|"
-                        "is deprecated|non-leaf Tensor|sequence_parallel. is set to .True.).*")
+                        "is deprecated|non-leaf Tensor|sequence_parallel. is set to .True.|"
+                        "Please use DTensor instead).*")
 
 PRETRAIN_EPILOG = """\
 examples:
@@ -90,5 +91,98 @@ def pretrain(argv: list[str] | None = None) -> int:
     return 0
 
 
+EVAL_EPILOG = """\
+examples:
+  moue-eval --load runs/demo/checkpoints --family
+  moue-eval --load runs/demo/checkpoints --submodel layers=3,experts=8,topk=1 --json eval.json
+  torchrun --nproc_per_node=2 -m moue.cli eval --load runs/demo/checkpoints --family parallel.ep=2
+
+A sub-model is layers=L,experts=M,topk=K; an axis left out keeps its full value.
+"""
+
+EXPORT_EPILOG = """\
+examples:
+  moue-export --load runs/demo/checkpoints --submodel layers=3,experts=8,topk=1 --output runs/small
+  moue-pretrain --config runs/small/config.yaml train.steps=100    # continue training it
+  moue-eval --load runs/small
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--load", required=True, metavar="CKPT",
+                        help="a checkpoint.dir (its 'latest' is used) or one step_N directory")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="dotted overrides of the checkpoint's config, e.g. "
+                        "train.eval_iters=8 parallel.ep=2")
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moue-eval", description="Held-out loss and perplexity of a checkpoint: the full "
+        "model, elastic sub-models, or the whole family, as a Markdown table.",
+        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(parser)
+    parser.add_argument("--family", action="store_true", help="every combination of the "
+                        "configured elastic choices (elastic.layers, .experts, .topk)")
+    parser.add_argument("--submodel", action="append", default=[], metavar="SPEC",
+                        help="a sub-model, e.g. layers=3,experts=8,topk=1 (repeatable)")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    return parser
+
+
+def evaluate(argv: list[str] | None = None) -> int:
+    args = eval_parser().parse_args(argv)
+    try:
+        from moue.training.evaluate import evaluate as run_eval
+        from moue.training.evaluate import markdown, write_json
+
+        rows = run_eval(args.load, args.submodel, args.family, args.overrides)
+        if global_rank_from_env() == 0:
+            print(markdown(rows), flush=True)
+            if args.json:
+                write_json(rows, args.json, args.load)
+    except UserError as err:
+        return report_user_error("moue-eval", err)
+    return 0
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moue-export", description="Write a standalone, smaller checkpoint of one elastic "
+        "sub-model (kept layers renumbered, kept experts re-indexed, explicit eligibility).",
+        epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(parser)
+    parser.add_argument("--submodel", required=True, metavar="SPEC",
+                        help="the sub-model, e.g. layers=3,experts=8,topk=1")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="a new directory: the checkpoint, config.yaml and submodel.json")
+    return parser
+
+
+def export(argv: list[str] | None = None) -> int:
+    args = export_parser().parse_args(argv)
+    try:
+        from moue.elastic.export import export as run_export
+
+        out = run_export(args.load, args.submodel, args.output, args.overrides)
+        print(f"moue-export: wrote {out} ({args.submodel}); continue training with "
+              f"moue-pretrain --config {out / 'config.yaml'}, evaluate with moue-eval --load {out}")
+    except UserError as err:
+        return report_user_error("moue-export", err)
+    return 0
+
+
+COMMANDS = {"pretrain": pretrain, "eval": evaluate, "export": export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m moue.cli [pretrain|eval|export] ...`` (torchrun's ``-m moue.cli``): pretrain
+    unless the first argument names another command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    return pretrain(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(pretrain())
+    sys.exit(main())

@@ -336,9 +336,11 @@ def _parse_yaml(text: str, where: str):
                         "sections, e.g. 'moe:' then indented 'window: 8')") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Load a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
-    tree: dict = {}
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                base: dict | None = None) -> RunConfig:
+    """Load a YAML config and apply ``section.key=value`` overrides (values parsed as YAML).
+    ``base`` (instead of ``path``): a config as ``RunConfig.to_dict`` wrote it (a checkpoint's)."""
+    tree: dict = {k: dict(v) for k, v in (base or {}).items() if k in SECTIONS}
     if path is not None:
         try:
             text = Path(path).read_text()

@@ -9,6 +9,11 @@ Decisions made here (docs/configuration.md):
 - Dropout 0; kernel fusions (bias-activation, RoPE, masked softmax, gradient-accumulation
   fusion) are off on every device for now: they need CUDA kernels, Transformer Engine or
   torch.compile, and the GPU path that turns them on has not landed yet.
+- Top-1 routing with post-softmax scores (softmax over the chosen logit: every gate is 1) is
+  allowed, though Megatron's ``TransformerConfig`` refuses it: an elastic top-1 sub-model routes
+  so, and its export (``moue-export``) must too. The config is built with top-2 and set to 1
+  after Megatron's checks. Such a router learns only from the balance loss (``moue-pretrain``
+  says so at start); ``moe.pre_softmax=true`` gives it gates that carry gradient.
 - With pipeline parallelism, pool and U replicas are summed across stages by Megatron's
   ``_allreduce_conditional_embedding_grads`` (``has_cond_embedder=True``; see parallel.pool_sync).
 """
@@ -22,10 +27,15 @@ from moue.config import ModelConfig, MoEConfig
 from parallel.layout import ParallelLayout
 
 
+def top1_post_softmax(moe: MoEConfig) -> bool:
+    """Top-1 routing whose gate is a softmax over the chosen logit alone, i.e. always 1."""
+    return moe.topk == 1 and moe.score_function == "softmax" and not moe.pre_softmax
+
+
 def _moe_fields(model: ModelConfig, moe: MoEConfig) -> dict:
     return dict(
         moe_layer_freq=model.moe_layer_freq,
-        num_moe_experts=moe.num_experts, moe_router_topk=moe.topk,
+        num_moe_experts=moe.num_experts, moe_router_topk=2 if top1_post_softmax(moe) else moe.topk,
         moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
         moe_shared_expert_intermediate_size=(moe.shared_experts * moe.expert_ffn_hidden_size
                                              if moe.shared_experts else None),
@@ -56,4 +66,6 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, layout: ParallelLayou
         params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
     )
     config.has_cond_embedder = layout.pp > 1  # sum pool/U gradients over pipeline stages
+    if not model.dense and top1_post_softmax(moe):
+        config.moe_router_topk = 1  # after Megatron's checks (module docstring)
     return config

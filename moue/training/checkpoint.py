@@ -142,10 +142,9 @@ def set_aside_newer(root: Path, latest: Path) -> list[Path]:
     return moved
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint ``root/latest`` names (None when there is none yet). Checkpoints newer
-    than it are renamed ``*.abandoned`` (see the module docstring). Rank 0 renames; call it on
-    every rank, under ``run_lock`` (which also refuses a ``root`` that is not a directory)."""
+def named_by_latest(root: str | Path) -> Path | None:
+    """The complete checkpoint ``root/latest`` names (None when there is no ``latest``), read
+    without changing anything."""
     root = Path(root)
     marker = root / "latest"
     if not marker.exists():
@@ -157,8 +156,18 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         raise UserError(f"{marker} names {name!r}, which is not a complete checkpoint; write the "
                         f"name of a complete one into it ({', '.join(complete) or 'none here'}) "
                         "or remove it to start afresh")
+    return path
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint ``root/latest`` names (None when there is none yet). Checkpoints newer
+    than it are renamed ``*.abandoned`` (see the module docstring). Rank 0 renames; call it on
+    every rank, under ``run_lock`` (which also refuses a ``root`` that is not a directory)."""
+    path = named_by_latest(root)
+    if path is None:
+        return None
     if torch.distributed.get_rank() == 0:
-        set_aside_newer(root, path)
+        set_aside_newer(Path(root), path)
     _barrier()
     return path
 
@@ -182,26 +191,48 @@ def _unloadable(path: Path, what: str, err: Exception, every_rank: bool = True) 
                      f"damaged or incomplete: {hint}", every_rank=every_rank)
 
 
-def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection) -> dict:
-    """Restore ``model`` and ``optimizer`` from ``path`` (saved under any layout) and this rank's
-    RNG; returns the trainer's extra state (``save_checkpoint``'s ``extra_state``)."""
+def saved_config(path: Path) -> dict:
+    """The run config a checkpoint was saved with (``RunConfig.to_dict``), with its trainer
+    state; ``UserError`` when ``trainer.pt`` cannot be read."""
     try:
         meta = torch.load(path / "trainer.pt", weights_only=False)
-        saved_config = meta["config"]
+        meta["config"]
     except Exception as err:  # truncated, garbage or another program's file
         raise _unloadable(path, "trainer.pt", err) from err
-    _check_config(saved_config, run_config, path)
-    _init_optimizer_state(optimizer)
+    return meta
+
+
+def resolve(load: str | Path) -> Path:
+    """The checkpoint a ``--load`` path names: a ``checkpoint.dir`` (its ``latest``) or one
+    ``step_N`` directory."""
+    load = Path(load)
+    if (load / "trainer.pt").exists():
+        return load
+    if (load / "latest").exists():
+        return named_by_latest(load)
+    raise UserError(f"--load {load}: not a checkpoint; give a checkpoint.dir (with a 'latest' "
+                    "file) or one of its step_N directories")
+
+
+def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection) -> dict:
+    """Restore ``model`` and ``optimizer`` (None: the model alone) from ``path`` (saved under any
+    layout) and this rank's RNG; returns the trainer's extra state (``save_checkpoint``'s
+    ``extra_state``)."""
+    meta = saved_config(path)
+    _check_config(meta["config"], run_config, path)
     model_state = _model_state(model, pg_collection)
+    wanted = {"model": model_state}
+    if optimizer is not None:
+        init_optimizer_state(optimizer)
+        wanted["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True,
+                                                           metadata=SHARDING)
     try:
-        loaded = dist_checkpointing.load({
-            "model": model_state,
-            "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True,
-                                                      metadata=SHARDING),
-        }, str(path))
+        loaded = dist_checkpointing.load(wanted, str(path))
     except (Exception, CheckpointException) as err:  # torch's is a BaseException
         raise _unloadable(path, "the model and optimizer shards", err, every_rank=False) from err
     model.load_state_dict(loaded["model"])
+    if optimizer is None:
+        return {k: v for k, v in meta.items() if k != "config"}
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     for index, part in enumerate(parts):
         load_distributed_optimizer_state(part, _part_state(loaded["optimizer"], index, part))
@@ -311,12 +342,12 @@ def _saved_param_groups(loaded: dict) -> list:
             for g in part.get("optimizer", {}).get("param_groups", [])]
 
 
-def _init_optimizer_state(optimizer) -> None:
+def init_optimizer_state(optimizer) -> None:
     """Create Adam's (lazy) state so a checkpoint can be loaded into it: one step on zero
     gradients with lr and weight decay 0, which leaves every weight unchanged.
 
-    Megatron-Core 0.16 does this only for its FSDP format; without it, loading the distributed
-    optimizer's state fails (``assert len(steps) == 1``, distrib_optimizer.py)."""
+    Megatron-Core 0.16 does this only for its FSDP format; without it, loading (or saving) the
+    distributed optimizer's state fails (``assert len(steps) == 1``, distrib_optimizer.py)."""
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         groups = part.optimizer.param_groups
         saved = [(g["lr"], g["weight_decay"]) for g in groups]

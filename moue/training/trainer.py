@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from moue.elastic.submodel import SubModel
 from moue.elastic.submodel import full as full_submodel
 from moue.model.builder import balance_modules, build_model, pipeline_shapes
 from moue.model.init import init_by_global_key
-from moue.model.megatron_config import transformer_config
+from moue.model.megatron_config import top1_post_softmax, transformer_config
 from moue.model.size import flops_per_token
 from moue.run_check import check_run
 from moue.training import checkpoint
@@ -304,6 +305,10 @@ def run(cfg: RunConfig) -> None:
     env = launch.read_launch_env()
     layout = check_run(cfg, env.world_size)
     launch.init_distributed(layout, device="auto", env=env)
+    if not cfg.model.dense and top1_post_softmax(cfg.moe) and env.rank == 0:
+        print("moue-pretrain: note: moe.topk=1 with post-softmax scores gives every token a gate "
+              "of 1, so the router learns only from the balance loss; set moe.pre_softmax=true "
+              "for gates that carry the language-model gradient", file=sys.stderr)
     try:
         train(cfg, layout, launch.resolve_device("auto"))
     finally:

@@ -1,0 +1,161 @@
+"""``moue-export``: a standalone checkpoint of one elastic sub-model.
+
+What is written (a normal ``checkpoint.dir``, at step 0, with a fresh optimizer):
+- the kept layers, renumbered ``0..d-1`` in their order (attention, norms, shared experts, the
+  router with only the rows of its kept experts);
+- the kept pool experts, re-indexed ``0..m-1`` in ascending pool order, and their rows of U;
+- the new top-k, and the eligibility as ``moe.topology=explicit`` with ``moe.eligibility``: each
+  kept MoE layer's window over the kept experts, in the new ids (the kept rows and columns of
+  the old mask);
+- the balance state: the kept experts' aux-free bias; the loads start at the new topology's
+  shares (a fresh measurement);
+- ``config.yaml`` (``checkpoint.dir`` is the output; the overrides given to the command apply:
+  the layout, the schedule of continued training) and ``submodel.json`` (where it came from).
+
+``moue-pretrain --config OUT/config.yaml`` continues training it under any layout (step 0, the
+configured schedule); ``moue-eval --load OUT`` evaluates it. It runs as one process on the CPU:
+the full model is loaded whole, whatever layout it was saved under. The output appears under its
+final name only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from moue.config import RunConfig, load_config
+from moue.elastic.submodel import SubModel, parse
+from moue.run_check import check_run
+from moue.training import checkpoint
+from parallel import launch
+from parallel.errors import UserError
+
+SINGLE = ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.etp=null",
+          "data.mock=true", "data.path=null", "data.blend=null", "train.eval_interval=0"]
+LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
+EXPERT_KEY = re.compile(r"decoder\.expert_pool\.local_experts\.(\d+)\.(.*)")
+
+
+def _layer_freq(flags: list[bool]) -> int:
+    """The ``model.moe_layer_freq`` whose pattern is ``flags`` (MoE or not per kept layer)."""
+    for freq in range(1, len(flags) + 1):
+        if all(flag == (i % freq == 0) for i, flag in enumerate(flags)):
+            return freq
+    raise UserError(f"the kept layers' MoE pattern {['MoE' if f else 'dense' for f in flags]} is "
+                    "not 'every k-th layer' (model.moe_layer_freq); choose another depth")
+
+
+def submodel_tree(cfg: RunConfig, sub: SubModel) -> dict:
+    """The config (as a dict) of the standalone sub-model: shape, top-k and explicit topology."""
+    moe_layers = set(cfg.model.moe_layers)
+    flags = [i in moe_layers for i in sub.layers]
+    if not any(flags):
+        raise UserError(f"--submodel {sub.label}: keeps no MoE layer; keep more layers")
+    new_id = {old: new for new, old in enumerate(sub.experts)}
+    topology, freq = cfg.topology(), cfg.model.moe_layer_freq
+    rows = [[new_id[e] for e in topology.eligible(i // freq).tolist() if e in new_id]
+            for i in sub.layers if i in moe_layers]
+    tree = cfg.to_dict()
+    tree["model"].update(num_layers=len(sub.layers), moe_layer_freq=_layer_freq(flags))
+    m = len(sub.experts)
+    tree["moe"].update(num_experts=m, topk=sub.topk, topology="explicit", eligibility=rows,
+                       window=len(rows[0]), stride=len(rows[0]))
+    if tree["moe"]["ep_balance_groups"] and m % tree["moe"]["ep_balance_groups"]:
+        tree["moe"]["ep_balance_groups"] = 0
+    if tree["logging"]["ep_balance_ranks"] and m % tree["logging"]["ep_balance_ranks"]:
+        tree["logging"]["ep_balance_ranks"] = 0
+    tree["elastic"] = {}  # the family of the old shape does not fit the new one
+    return tree
+
+
+def submodel_state(state: dict, cfg: RunConfig, sub: SubModel, fresh: dict) -> dict:
+    """The sub-model's weights from the full model's ``state`` (one process's state_dict);
+    ``fresh``: the new model's own state_dict, for the balance loads."""
+    layer_id = {old: new for new, old in enumerate(sub.layers)}
+    expert_id = {old: new for new, old in enumerate(sub.experts)}
+    kept_E = torch.tensor(sub.experts)
+    topology, freq = cfg.topology(), cfg.model.moe_layer_freq
+    out = {}
+    for key, value in state.items():
+        if match := LAYER_KEY.fullmatch(key):
+            old, rest = int(match[1]), match[2]
+            if old in layer_id:
+                if rest == "mlp.router.weight":  # rows: the window's pool ids, ascending
+                    value = value[torch.isin(topology.eligible(old // freq), kept_E)]
+                out[f"decoder.layers.{layer_id[old]}.{rest}"] = value
+        elif match := EXPERT_KEY.fullmatch(key):
+            if int(match[1]) in expert_id:
+                out[f"decoder.expert_pool.local_experts.{expert_id[int(match[1])]}.{match[2]}"] = value
+        elif key in ("decoder.expert_embedding.weight", "decoder.pool_balance.bias_E"):
+            out[key] = value[kept_E]
+        elif key == "decoder.pool_balance.loads_E":
+            out[key] = fresh[key]
+        else:
+            out[key] = value
+    return out
+
+
+def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
+    """Write the sub-model ``text`` of checkpoint ``load`` to ``output``; returns its path."""
+    from moue.training.trainer import Trainer
+
+    for item in overrides:
+        if item.split(".", 1)[0] in ("model", "moe"):
+            raise UserError(f"override {item!r}: the model and moe sections of the export come "
+                            "from the checkpoint and --submodel; override the layout, train, "
+                            "data, logging or elastic sections only")
+    out = Path(output)
+    if out.exists():
+        raise UserError(f"--output {out}: exists; give a new directory (nothing is overwritten)")
+    env = launch.read_launch_env()
+    if env.world_size != 1:
+        raise UserError("moue-export runs as one process (it loads the whole model); run it "
+                        "without torchrun")
+    path = checkpoint.resolve(load)
+    saved = checkpoint.saved_config(path)["config"]
+    cfg = load_config(None, [*SINGLE, "checkpoint.dir=null"], base=saved)
+    choices = cfg.elastic_choices()
+    if choices is None:
+        raise UserError("this checkpoint is of the dense model (model.moe_layer_freq=0): it has "
+                        "no sub-models to export")
+    sub = parse(text, choices, cfg.topology().window)
+    tree = submodel_tree(cfg, sub)
+    tree["checkpoint"] = {**tree["checkpoint"], "dir": str(out)}
+    kept = {k: saved[k] for k in ("parallel", "data", "train") if k in saved}
+    target = load_config(None, overrides, base={**tree, **kept})
+    try:
+        check_run(target)
+    except UserError as err:
+        raise UserError(f"the exported sub-model ({sub.label}): {err}") from None
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    single = load_config(None, [*SINGLE, f"checkpoint.dir={tmp}"], base=tree)
+    layout = check_run(single, 1)
+    launch.init_distributed(layout, device="cpu", env=env)
+    try:
+        launch.seed_everything(cfg.train.seed)
+        device = torch.device("cpu")
+        source = Trainer(cfg, layout, device)
+        checkpoint.load_checkpoint(path, model=source.model.module, optimizer=None,
+                                   run_config=cfg, pg_collection=source.pg)
+        result = Trainer(single, layout, device)
+        module = result.model.module
+        module.load_state_dict(submodel_state(source.model.module.state_dict(), cfg, sub,
+                                              module.state_dict()))
+        checkpoint.init_optimizer_state(result.optimizer)
+        tmp.mkdir(parents=True)
+        result.save()
+    finally:
+        launch.shutdown()
+    (tmp / "config.yaml").write_text(yaml.safe_dump(target.to_dict(), sort_keys=False,
+                                                     default_flow_style=None))
+    (tmp / "submodel.json").write_text(json.dumps(
+        {"source": str(path), "submodel": sub.label, "layers": list(sub.layers),
+         "experts": list(sub.experts), "topk": sub.topk}, indent=2) + "\n")
+    tmp.rename(out)
+    return out
