@@ -39,17 +39,17 @@ class ModelConfig(Section):
 
     def _validate(self):
         positive("model", self, "num_layers", "hidden_size", "num_attention_heads",
-                  "seq_length", "vocab_size", "ffn_hidden_size")
+                 "seq_length", "vocab_size", "ffn_hidden_size")
         check(self.moe_layer_freq >= 0, "model.moe_layer_freq", self.moe_layer_freq,
-               "must be an integer >= 0 (0 builds the dense model, without MoE layers)")
+              "must be an integer >= 0 (0 builds the dense model, without MoE layers)")
         if self.num_query_groups is not None:
             positive("model", self, "num_query_groups")
             check(self.num_attention_heads % self.num_query_groups == 0,
-                   "model.num_query_groups", self.num_query_groups,
-                   f"must divide model.num_attention_heads={self.num_attention_heads}")
+                  "model.num_query_groups", self.num_query_groups,
+                  f"must divide model.num_attention_heads={self.num_attention_heads}")
         check(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
-               self.hidden_size, f"must be a multiple of model.num_attention_heads="
-               f"{self.num_attention_heads}")
+              self.hidden_size, f"must be a multiple of model.num_attention_heads="
+              f"{self.num_attention_heads}")
         one_of("model.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
 
     @property
@@ -87,7 +87,7 @@ class MoEConfig(Section):
 
     def _validate(self):
         positive("moe", self, "num_experts", "expert_ffn_hidden_size", "topk", "window",
-                  "stride")
+                 "stride")
         for n in ("shared_experts", "router_state_dim"):
             v = getattr(self, n)
             check(v >= 0, f"moe.{n}", v, "must be an integer >= 0")
@@ -96,7 +96,7 @@ class MoEConfig(Section):
         one_of("moe.score_function", self.score_function, ("softmax", "sigmoid"))
         one_of("moe.dispatcher", self.dispatcher, ("alltoall", "allgather"))
         check(self.ep_balance_groups >= 0, "moe.ep_balance_groups", self.ep_balance_groups,
-               "must be an integer >= 0 (0: parallel.ep)")
+              "must be an integer >= 0 (0: parallel.ep)")
         for n in ("balance_coeff", "aux_free_rate", "z_loss_coeff", "ep_balance_coeff"):
             check(getattr(self, n) >= 0, f"moe.{n}", getattr(self, n), "must be >= 0")
         check((self.eligibility is not None) == (self.topology == "explicit"), "moe.eligibility",
@@ -142,25 +142,25 @@ class TrainConfig(Section):
         positive("train", self, "micro_batch_size", "global_batch_size", "steps")
         one_of("train.on_nan", self.on_nan, ("stop", "skip"))
         check(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
-               self.global_batch_size,
-               f"must be a multiple of train.micro_batch_size={self.micro_batch_size}")
+              self.global_batch_size,
+              f"must be a multiple of train.micro_batch_size={self.micro_batch_size}")
         check(0 <= self.warmup_steps < self.steps, "train.warmup_steps", self.warmup_steps,
-               f"must be a whole number below train.steps={self.steps}")
+              f"must be a whole number below train.steps={self.steps}")
         one_of("train.schedule", self.schedule, ("cosine", "wsd"))
         one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
         check(self.lr > 0, "train.lr", self.lr, "must be a positive learning rate, e.g. 3e-4")
         check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr,
-               f"must be between 0 and train.lr={self.lr} (the schedule decays from lr to min_lr)")
+              f"must be between 0 and train.lr={self.lr} (the schedule decays from lr to min_lr)")
         for n in ("adam_beta1", "adam_beta2"):
             check(0 <= getattr(self, n) < 1, f"train.{n}", getattr(self, n),
-                   "must be in [0, 1), e.g. 0.9 and 0.95")
+                  "must be in [0, 1), e.g. 0.9 and 0.95")
         for n in ("weight_decay", "clip_grad"):
             check(getattr(self, n) >= 0, f"train.{n}", getattr(self, n), "must be >= 0 (0: off)")
         check(self.eval_interval >= 0, "train.eval_interval", self.eval_interval,
-               "must be an integer >= 0 (0 turns evaluation off)")
+              "must be an integer >= 0 (0 turns evaluation off)")
         check(self.eval_iters >= 1 or self.eval_interval == 0, "train.eval_iters",
-               self.eval_iters, "must be at least 1 batch while train.eval_interval > 0 "
-               "(set train.eval_interval=0 to turn evaluation off)")
+              self.eval_iters, "must be at least 1 batch while train.eval_interval > 0 "
+              "(set train.eval_interval=0 to turn evaluation off)")
         check(self.seed >= 0, "train.seed", self.seed, "must be an integer >= 0")
 
 
@@ -176,28 +176,28 @@ class DataConfig(Section):
 
     def _validate(self):
         check(self.mock or self.path or self.blend, "data.path", self.path,
-               "set data.path (or data.blend) to a preprocessed dataset, or data.mock=true "
-               "for synthetic tokens")
+              "set data.path (or data.blend) to a preprocessed dataset, or data.mock=true "
+              "for synthetic tokens")
         parts = self.split.replace("/", ",").split(",")
         try:
             shares = [float(p) for p in parts]
         except ValueError:
             shares = []
         check(len(shares) == 3 and min(shares) >= 0 and shares[0] > 0, "data.split", self.split,
-               "must be three non-negative weights train,valid,test with train > 0, e.g. 98,2,0")
+              "must be three non-negative weights train,valid,test with train > 0, e.g. 98,2,0")
         if self.blend is not None and len(self.blend) == 1:  # one dataset: [prefix]
             check(isinstance(self.blend[0], str), "data.blend", self.blend,
-                   "must be [prefix] or [weight, prefix, weight, prefix, ...]")
+                  "must be [prefix] or [weight, prefix, weight, prefix, ...]")
         elif self.blend is not None:
             check(len(self.blend) >= 2 and len(self.blend) % 2 == 0, "data.blend", self.blend,
-                   "must be a list [weight, prefix, weight, prefix, ...] (or [prefix])")
+                  "must be a list [weight, prefix, weight, prefix, ...] (or [prefix])")
             for weight, prefix in zip(self.blend[::2], self.blend[1::2], strict=True):
                 check(isinstance(weight, (int, float)) and not isinstance(weight, bool)
-                       and weight > 0 and isinstance(prefix, str), "data.blend", self.blend,
-                       "must alternate positive weights and dataset prefixes, e.g. "
-                       "[0.7, data/web, 0.3, data/code]")
+                      and weight > 0 and isinstance(prefix, str), "data.blend", self.blend,
+                      "must alternate positive weights and dataset prefixes, e.g. "
+                      "[0.7, data/web, 0.3, data/code]")
         check(self.seed is None or self.seed >= 0, "data.seed", self.seed,
-               "must be an integer >= 0, or null for train.seed")
+              "must be an integer >= 0, or null for train.seed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,7 +209,7 @@ class CheckpointConfig(Section):
 
     def _validate(self):
         check(self.interval >= 0, "checkpoint.interval",
-               self.interval, "must be an integer >= 0 (0 turns periodic checkpoints off)")
+              self.interval, "must be an integer >= 0 (0 turns periodic checkpoints off)")
         positive("checkpoint", self, "keep_last")
 
 
@@ -224,7 +224,7 @@ class LoggingConfig(Section):
     def _validate(self):
         positive("logging", self, "interval")
         check(self.ep_balance_ranks >= 0, "logging.ep_balance_ranks", self.ep_balance_ranks,
-               "must be an integer >= 0 (0: the run's parallel.ep)")
+              "must be an integer >= 0 (0: the run's parallel.ep)")
 
 
 # moe fields that steer training but do not change what the weights mean: a run may resume from a
@@ -251,20 +251,23 @@ class RunConfig:
     def __post_init__(self):
         for name, cls in SECTIONS.items():
             check(isinstance(getattr(self, name), cls), name, getattr(self, name),
-                   f"must be a {cls.__name__}")
-        topology = None
+                  f"must be a {cls.__name__}")
+        topology = choices = None
         if self.model.dense:  # the moe section is not used
             check(self.parallel.ep == 1, "parallel.ep", self.parallel.ep,
-                   "the dense model (model.moe_layer_freq=0) has no experts to split; "
-                   "use parallel.ep=1 (its ranks then do data parallelism)")
+                  "the dense model (model.moe_layer_freq=0) has no experts to split; "
+                  "use parallel.ep=1 (its ranks then do data parallelism)")
+            check(not self.elastic.enabled, "elastic.enabled", True,
+                  "elastic training needs MoE layers; the dense model (model.moe_layer_freq=0) "
+                  "has none")
         else:  # built once per run; checks every rule of the pool's shape
             moe = self.moe
             groups = moe.ep_balance_groups
             check(not groups or moe.num_experts % groups == 0, "moe.ep_balance_groups", groups,
-                   f"must divide moe.num_experts={moe.num_experts} (or 0 for parallel.ep)")
+                  f"must divide moe.num_experts={moe.num_experts} (or 0 for parallel.ep)")
             ranks = self.logging.ep_balance_ranks
             check(not ranks or moe.num_experts % ranks == 0, "logging.ep_balance_ranks", ranks,
-                   f"must divide moe.num_experts={moe.num_experts} (or 0 for parallel.ep)")
+                  f"must divide moe.num_experts={moe.num_experts} (or 0 for parallel.ep)")
             topology = build_topology(moe.topology, num_layers=len(self.model.moe_layers),
                                       num_experts=moe.num_experts, topk=moe.topk,
                                       window=moe.window, stride=moe.stride,

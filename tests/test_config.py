@@ -28,7 +28,7 @@ def test_override_values_are_parsed_as_yaml():
     ("moe.window=40", "moe.window=40: the window cannot be larger than the pool"),
     ("moe.stride=0", "moe.stride=0: must be a positive integer"),
     ("moe.topk=9", "moe.topk=9: larger than the window of 8 experts"),
-    ("moe.topology=ring", "moe.topology='ring': must be one of full, rotational, standard"),
+    ("moe.topology=ring", "moe.topology='ring': must be one of explicit, full, rotational, standard"),
     ("moe.balance=switch", "moe.balance='switch': must be one of aux_free, none, per_layer, uelb"),
     ("moe.num_experts=12", None),  # rotational 8-wide windows fit a pool of 12: valid
     ("model.hidden_size=65", "model.hidden_size=65: must be a multiple of"),

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moue.model.topology import TOPOLOGIES, build_topology
+from parallel.errors import UserError
 
 pytestmark = pytest.mark.compat
 
@@ -56,5 +57,18 @@ def test_bad_shapes_are_rejected_with_the_fix():
         _topo(num_experts=16, topology="standard", topk=5)
 
 
-def test_registry_lists_the_three_topologies():
-    assert sorted(TOPOLOGIES) == ["full", "rotational", "standard"]
+def test_registry_lists_the_four_topologies():
+    assert sorted(TOPOLOGIES) == ["explicit", "full", "rotational", "standard"]
+
+
+def test_explicit_topology_is_the_listed_windows_and_refuses_bad_lists():
+    topo = build_topology("explicit", num_layers=2, num_experts=6, topk=2,
+                          eligibility=[[0, 1, 5], [2, 3, 4]])
+    assert topo.eligible(0).tolist() == [0, 1, 5] and topo.window == 3
+    assert topo.exposure_E.tolist() == [1] * 6
+    for rows, message in (([[0, 1, 2]], "one list of pool ids per MoE layer (2 lists)"),
+                          ([[0, 1, 9], [2, 3, 4]], "moe.eligibility[0]=[0, 1, 9]: must list distinct"),
+                          ([[0, 1], [2, 3, 4]], "every layer needs a window of the same size")):
+        with pytest.raises(UserError) as err:
+            build_topology("explicit", num_layers=2, num_experts=6, topk=2, eligibility=rows)
+        assert message in str(err.value)
