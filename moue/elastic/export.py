@@ -3,7 +3,9 @@
 What is written (a normal ``checkpoint.dir``, at step 0, with a fresh optimizer):
 - the kept layers, renumbered ``0..d-1`` in their order (attention, norms, shared experts, the
   router with only the rows of its kept experts);
-- the kept pool experts, re-indexed ``0..m-1`` in ascending pool order, and their rows of U;
+- the kept pool experts, re-indexed ``0..m-1`` in ascending pool order, and their rows of U
+  (kept experts that no kept layer can reach, which a reduced depth can leave, are dropped:
+  they compute nothing for the sub-model);
 - the new top-k, and the eligibility as ``moe.topology=explicit`` with ``moe.eligibility``: each
   kept MoE layer's window over the kept experts, in the new ids (the kept rows and columns of
   the old mask);
@@ -29,6 +31,7 @@ import torch
 import yaml
 
 from moue.config import RunConfig, load_config
+from moue.elastic.apply import effective_mask
 from moue.elastic.submodel import SubModel, parse
 from moue.run_check import check_run
 from moue.training import checkpoint
@@ -48,6 +51,13 @@ def _layer_freq(flags: list[bool]) -> int:
             return freq
     raise UserError(f"the kept layers' MoE pattern {['MoE' if f else 'dense' for f in flags]} is "
                     "not 'every k-th layer' (model.moe_layer_freq); choose another depth")
+
+
+def reachable_only(sub: SubModel, cfg: RunConfig) -> SubModel:
+    """``sub`` without the kept experts that none of its kept layers can reach (a reduced depth
+    can leave some): they never compute anything for it."""
+    reachable_E = effective_mask(cfg.topology(), cfg.model.moe_layer_freq, sub).any(dim=0)
+    return SubModel(sub.layers, tuple(e for e in sub.experts if reachable_E[e]), sub.topk)
 
 
 def submodel_tree(cfg: RunConfig, sub: SubModel) -> dict:
@@ -123,7 +133,7 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
     if choices is None:
         raise UserError("this checkpoint is of the dense model (model.moe_layer_freq=0): it has "
                         "no sub-models to export")
-    sub = parse(text, choices, cfg.topology().window)
+    sub = reachable_only(parse(text, choices, cfg.topology().window), cfg)
     tree = submodel_tree(cfg, sub)
     tree["checkpoint"] = {**tree["checkpoint"], "dir": str(out)}
     kept = {k: saved[k] for k in ("parallel", "data", "train") if k in saved}
@@ -155,7 +165,7 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
     (tmp / "config.yaml").write_text(yaml.safe_dump(target.to_dict(), sort_keys=False,
                                                      default_flow_style=None))
     (tmp / "submodel.json").write_text(json.dumps(
-        {"source": str(path), "submodel": sub.label, "layers": list(sub.layers),
+        {"source": str(path), "submodel": text, "exported": sub.label, "layers": list(sub.layers),
          "experts": list(sub.experts), "topk": sub.topk}, indent=2) + "\n")
     tmp.rename(out)
     return out

@@ -159,7 +159,8 @@ register_balance("none")(Balance)
 @register_balance("uelb")
 class UniversalExpertLoadBalance(Balance):
     def layer_loss(self, probs_sum_E, tokens, tokens_per_expert_E):
-        weight_E = self.loads_E / self.share_E  # F_e / Q_e: fixed within the step
+        # F_e / Q_e, fixed within the step (0 for an expert no layer can reach: Q_e = 0)
+        weight_E = torch.where(self.share_E > 0, self.loads_E / self.share_E.clamp(min=1e-30), 0.0)
         return (weight_E * probs_sum_E).sum() / (tokens * self.active_layers)
 
 

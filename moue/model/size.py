@@ -25,7 +25,10 @@ def _dims(model: ModelConfig, moe: MoEConfig, topology: Topology | None, sub) ->
                 moe.topk)
     kept_moe = [i for i in model.moe_layers if i in sub.layers]
     window = int(topology.mask_LE[0, list(sub.experts)].sum())  # the same in every layer
-    return len(sub.layers), len(kept_moe), window, len(sub.experts), sub.topk
+    rows = [i // model.moe_layer_freq for i in kept_moe]
+    # experts no kept layer can reach are not part of the sub-model (moue-export drops them)
+    reachable = int(topology.mask_LE[rows][:, list(sub.experts)].any(dim=0).sum())
+    return len(sub.layers), len(kept_moe), window, reachable, sub.topk
 
 
 def param_counts(model: ModelConfig, moe: MoEConfig, topology: Topology | None,

@@ -1,0 +1,139 @@
+"""Elastic training's commands as a user runs them: a checkpoint trained with elastic on under
+EP=2, its family table from moue-eval on one process and under PP=2, a moue-export of one
+sub-model that evaluates to the same loss, is smaller on disk and trains on under PP=2; and the
+bad inputs of both commands."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moue.config import load_config
+from moue.model.size import param_counts
+from tests.distributed import max_rel
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "moue.cli"]
+SMALL = "layers=2,experts=8,topk=1"
+
+
+def _run(cmd, expect=0):
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return proc
+
+
+def _cli(command, *args, expect=0):
+    return _run([sys.executable, "-m", "moue.cli", command, *args], expect)
+
+
+def _rows(path) -> dict:
+    return {r["submodel"]: r for r in json.loads(Path(path).read_text())["rows"]}
+
+
+def _size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("elastic")
+    _run([*TORCHRUN, "--config", "examples/configs/tiny_cpu.yaml", "train.steps=6",
+          "train.warmup_steps=1", "train.eval_interval=6", "train.eval_iters=2",
+          "model.seq_length=64", "elastic.enabled=true", f"logging.dir={base / 'run'}",
+          f"checkpoint.dir={base / 'ckpt'}"])
+    return base
+
+
+@pytest.fixture(scope="module")
+def family(trained):
+    _cli("eval", "--load", str(trained / "ckpt"), "--family", "--submodel", SMALL,
+         "--json", str(trained / "family.json"))
+    return _rows(trained / "family.json")
+
+
+def test_family_table_covers_every_combination_with_its_sizes(trained, family):
+    assert list(family)[:2] == ["layers=4,experts=16,topk=2", "layers=4,experts=16,topk=1"]
+    assert len(family) == 2 * 2 * 2 + 1  # layers {4,3} x experts {16,8} x k {2,1}, and SMALL
+    cfg = load_config("examples/configs/tiny_cpu.yaml", ["model.seq_length=64"])
+    assert family["layers=4,experts=16,topk=2"]["params_total"] == sum(
+        param_counts(cfg.model, cfg.moe, cfg.topology()).values())
+    small = family[SMALL]
+    assert small["params_total"] < family["layers=3,experts=8,topk=1"]["params_total"]
+    assert small["params_active"] < small["params_total"]
+    # the full model's loss is the last validation loss of training (saved under EP=2)
+    rows = [json.loads(x) for x in (trained / "run" / "metrics.jsonl").read_text().splitlines()]
+    full = family["layers=4,experts=16,topk=2"]
+    assert abs(full["loss"] - rows[-1]["val_loss"]) / rows[-1]["val_loss"] < 1e-5
+    assert all(abs(r["ppl"] - 2.718281828 ** r["loss"]) < 1e-6 * r["ppl"] for r in family.values())
+
+
+def test_family_losses_are_the_same_under_pp2(trained, family):
+    out = trained / "family_pp2.json"
+    proc = _run([*TORCHRUN, "eval", "--load", str(trained / "ckpt"), "--family", "--submodel", SMALL,
+                 "parallel.pp=2", "--json", str(out)])
+    assert proc.stdout.count("| layers=") == len(family)  # one table, from rank 0
+    pp2 = _rows(out)
+    assert list(pp2) == list(family)
+    assert max_rel([r["loss"] for r in pp2.values()], [r["loss"] for r in family.values()]) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    out = trained / "small"
+    _cli("export", "--load", str(trained / "ckpt"), "--submodel", SMALL, "--output", str(out))
+    return out
+
+
+def test_export_evaluates_to_the_submodels_loss_and_is_smaller(trained, family, exported):
+    _cli("eval", "--load", str(exported), "--json", str(trained / "small.json"))
+    # layers 0 and 3 keep 8 experts, of which 6 are in their windows: the export has those
+    alone = _rows(trained / "small.json")["layers=2,experts=6,topk=1"]
+    assert abs(alone["loss"] - family[SMALL]["loss"]) / family[SMALL]["loss"] <= 1e-5
+    assert alone["params_total"] == family[SMALL]["params_total"]
+    # model and optimizer state shrink with the parameters (files beside them are small)
+    ckpt = trained / "ckpt" / (trained / "ckpt" / "latest").read_text().strip()
+    disk = _size(exported / "step_0000000") / _size(ckpt)
+    params = family[SMALL]["params_total"] / family["layers=4,experts=16,topk=2"]["params_total"]
+    assert abs(disk - params) < 0.1 * params, (disk, params)
+    written = json.loads((exported / "submodel.json").read_text())
+    assert written["layers"] == [0, 3] and written["experts"] == [0, 1, 4, 5, 12, 13]
+
+
+def test_export_trains_on_under_another_layout(trained, family, exported):
+    run = trained / "small_run"
+    _run([*TORCHRUN, "--config", str(exported / "config.yaml"), "parallel.pp=2", "parallel.ep=1",
+          "train.steps=2", "train.eval_interval=2", f"logging.dir={run}"])
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert abs(rows[0]["val_loss"] - family[SMALL]["loss"]) / family[SMALL]["loss"] <= 1e-5
+    assert (exported / "latest").read_text().strip() == "step_0000002"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--submodel", "layers=3", "parallel.pp=2"],
+     "the exported sub-model (layers=3,experts=16,topk=2): parallel.pp=2 does not divide "
+     "model.num_layers=3"),
+    (["--submodel", "depth=3"], "unknown axis 'depth'"),
+    (["--submodel", "topk=1", "moe.topk=1"], "the model and moe sections of the export come"),
+])
+def test_bad_export_names_the_problem_and_writes_nothing(trained, args, message):
+    out = trained / "refused"
+    proc = _cli("export", "--load", str(trained / "ckpt"), "--output", str(out), *args, expect=2)
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists() and not list(trained.glob(".refused*"))
+
+
+def test_bad_eval_and_export_paths(trained, exported):
+    proc = _cli("eval", "--load", str(trained / "run"), expect=2)
+    assert "not a checkpoint; give a checkpoint.dir" in proc.stderr
+    proc = _cli("eval", "--load", str(trained / "ckpt"), "--submodel", "width=3", expect=2)
+    assert "unknown axis 'width'" in proc.stderr
+    proc = _cli("export", "--load", str(trained / "ckpt"), "--submodel", SMALL, "--output",
+                str(exported), expect=2)
+    assert "exists; give a new directory" in proc.stderr
