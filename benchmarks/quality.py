@@ -58,7 +58,7 @@ _TRAIN = ("train.warmup_steps={warmup}", "train.steps={steps}", "train.lr={lr}",
           "train.eval_interval={eval_every}", "train.eval_iters={eval_iters}")
 
 
-def _shape(layers, hidden, heads, seq, expert_ffn, topk, **train) -> tuple[str, ...]:
+def model_shape(layers, hidden, heads, seq, expert_ffn, topk, **train) -> tuple[str, ...]:
     return (f"model.num_layers={layers}", f"model.hidden_size={hidden}",
             f"model.num_attention_heads={heads}", f"model.seq_length={seq}",
             "model.vocab_size=384", "model.moe_layer_freq=1",
@@ -69,17 +69,17 @@ def _shape(layers, hidden, heads, seq, expert_ffn, topk, **train) -> tuple[str, 
 
 PRESETS = {
     # 4 layers, hidden 64, 16 experts of 64, top-2; 800 steps of 16 x 128 bytes (1.6M tokens).
-    "cpu": Preset(_shape(4, 64, 4, 128, 64, 2, warmup=40, steps=800, lr=3e-3, min_lr=3e-4, mbs=16,
+    "cpu": Preset(model_shape(4, 64, 4, 128, 64, 2, warmup=40, steps=800, lr=3e-3, min_lr=3e-4, mbs=16,
                          gbs=16, eval_every=200, eval_iters=32),
                   experts_per_layer=4, seeds=2, jobs=2,
                   about="2 CPU cores, about 20 minutes"),
     # 8 layers, hidden 512, 64 experts of 512, top-2; 3000 steps of 32 x 512 bytes (49M tokens).
-    "gpu": Preset(_shape(8, 512, 8, 512, 512, 2, warmup=200, steps=3000, lr=1e-3, min_lr=1e-4,
+    "gpu": Preset(model_shape(8, 512, 8, 512, 512, 2, warmup=200, steps=3000, lr=1e-3, min_lr=1e-4,
                          mbs=32, gbs=32, eval_every=250, eval_iters=32),
                   experts_per_layer=8, seeds=3, jobs=1,
                   about="one GPU; not yet run on one"),
     # Two variants, a few steps: the benchmark's own test.
-    "smoke": Preset(_shape(2, 32, 2, 32, 32, 2, warmup=1, steps=6, lr=3e-3, min_lr=3e-4, mbs=4,
+    "smoke": Preset(model_shape(2, 32, 2, 32, 32, 2, warmup=1, steps=6, lr=3e-3, min_lr=3e-4, mbs=4,
                            gbs=4, eval_every=3, eval_iters=2),
                     experts_per_layer=2, seeds=2, jobs=2, about="a few seconds"),
 }
@@ -116,7 +116,7 @@ def variants(preset: Preset, ep_ranks: int = 4,
     }
 
 
-def _prepare_data(work: Path) -> str:
+def prepare_data(work: Path) -> str:
     """The built-in corpus, byte-tokenized, once per work directory."""
     from data_tools.corpus import build_stdlib_corpus
     from data_tools.preprocess import preprocess
@@ -131,7 +131,7 @@ def _prepare_data(work: Path) -> str:
     return str(prefix)
 
 
-def _train(name: str, seed: int, overrides: list[str], run_dir: Path, threads: int) -> dict:
+def train_run(name: str, seed: int, overrides: list[str], run_dir: Path, threads: int) -> dict:
     """One moue-pretrain run in its own process; returns its logged metrics."""
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
@@ -164,7 +164,7 @@ def _summarise(run: dict) -> dict:
             "curve": [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]}
 
 
-def _mean_std(values: list[float], sign: str = "") -> str:
+def mean_std(values: list[float], sign: str = "") -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.fmean(values):{sign}.4f} ± {std:.4f}"
 
@@ -184,13 +184,13 @@ def table(results: list[dict], names: dict, params: dict) -> list[str]:
              "load max/mean | load CV | EP-rank max/mean |", "|---|---|---|---|---|---|---|---|"]
     for v, name in names.items():
         runs = [r for r in results if r["variant"] == v]
-        diff = "—" if v == "moe" else _mean_std([r["val_loss"] - base[r["seed"]] for r in runs], "+")
+        diff = "—" if v == "moe" else mean_std([r["val_loss"] - base[r["seed"]] for r in runs], "+")
         loads = "— | — | —" if runs[0]["load_cv"] is None else (
             f"{statistics.fmean(r['load_max_over_mean'] for r in runs):.2f} | "
             f"{statistics.fmean(r['load_cv'] for r in runs):.3f} | "
             f"{statistics.fmean(r['ep_load_max_over_mean'] for r in runs):.2f}")
         lines.append(f"| {v}: {name} | {params[v]['total']:,} | {params[v]['active']:,} | "
-                     f"{_mean_std([r['val_loss'] for r in runs])} | {diff} | {loads} |")
+                     f"{mean_std([r['val_loss'] for r in runs])} | {diff} | {loads} |")
     return lines
 
 
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     seeds = [1234 + i for i in range(args.seeds or preset.seeds)]
     jobs = args.jobs or preset.jobs
     work = Path(args.work_dir)
-    data = args.data or _prepare_data(work)
+    data = args.data or prepare_data(work)
     shared = [*preset.shape, "data.mock=false", f"data.path={data}", "data.tokenizer=byte",
               f"data.seed={DATA_SEED}", f"logging.ep_balance_ranks={args.ep_ranks}",
               *args.overrides]
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
 
     results = []
     with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(plan), desc="runs", unit="run") as bar:
-        futures = [pool.submit(_train, v, s, [*shared, *names_overrides[v][1]],
+        futures = [pool.submit(train_run, v, s, [*shared, *names_overrides[v][1]],
                                work / f"{v}-seed{s}", threads) for v, s in plan]
         for future in as_completed(futures):
             results.append(_summarise(future.result()))
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     names = {v: names_overrides[v][0] for v in chosen}
     params = {v: _params([*shared, *names_overrides[v][1]]) for v in chosen}
     steps = results[0]["curve"][-1][0]
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs" + _gpu_name()
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs" + gpu_name()
     print(f"\nHeld-out loss after {steps} steps, preset {args.preset}, seeds {seeds} - {machine}\n")
     for line in table(results, names, params):
         print(line)
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _gpu_name() -> str:
+def gpu_name() -> str:
     import torch
 
     return f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
