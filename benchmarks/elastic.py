@@ -207,7 +207,8 @@ def main(argv=None) -> int:
     order = [r["submodel"] for r in results[0]["family"]]
     for label in sorted({k for t in times for k in t}, key=order.index):
         ratios = [t[label] / t[whole] for t in times if label in t and whole in t]
-        lines.append(f"| {label} | {mean_std(ratios)} |")
+        if ratios:
+            lines.append(f"| {label} | {mean_std(ratios)} ({len(ratios)} runs) |")
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(

@@ -8,6 +8,8 @@ Variants (same shapes, same top-k, same activated parameters per token):
       windows of 4 with stride 2, top-2
   (c) the same MoUE without the state
   (d) dense: each layer's MLP as wide as 2 experts
+  (e) the MoUE of (b) with elastic training on, drawing the full model every step: what the
+      elastic machinery (the draw, putting the sub-model on the model) costs per step
 A step is forward + backward + optimizer, on one process, then on 2 with EP=2 (the dense model:
 DP=2), on CPU or on the GPU when present.
 
@@ -49,6 +51,10 @@ VARIANTS = {
     "c": ("MoUE, no state", ["moe.topology=rotational", "moe.num_experts=8", "moe.window=4",
                              "moe.stride=2", "moe.router_state_dim=0", "moe.balance=uelb"]),
     "d": ("dense", ["model.moe_layer_freq=0", "model.ffn_hidden_size=256"]),  # 2 x 128
+    "e": ("MoUE, state, elastic on (full model drawn)", [
+        "moe.topology=rotational", "moe.num_experts=8", "moe.window=4", "moe.stride=2",
+        "moe.router_state_dim=32", "moe.balance=uelb", "elastic.enabled=true",
+        "elastic.layers_full_prob=1", "elastic.experts_full_prob=1", "elastic.topk_full_prob=1"]),
     "m": ("Megatron-Core MoE", ["moe.topology=standard", "moe.num_experts=16",
                                 "moe.router_state_dim=0", "moe.balance=per_layer"]),
 }

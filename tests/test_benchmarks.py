@@ -73,3 +73,31 @@ def test_every_quality_preset_builds_valid_matched_configs():
         # Same activated parameters up to the routers' rows and U: within 1% of the MoE's.
         for v, p in params.items():
             assert abs(p["active"] / params["moe"]["active"] - 1) < 0.01, (name, v, p)
+
+
+@pytest.mark.slow
+def test_elastic_benchmark_trains_plain_and_elastic_and_tables_their_families(tmp_path):
+    from data_tools.corpus import build_stdlib_corpus
+    from data_tools.preprocess import preprocess
+
+    corpus = build_stdlib_corpus(tmp_path / "corpus", limit_bytes=2_000_000)
+    preprocess([str(corpus.train)], str(tmp_path / "stdlib"), "byte", append_eod=True,
+               progress=False)
+    out = tmp_path / "elastic.json"
+    proc = subprocess.run([sys.executable, "benchmarks/elastic.py", "--preset", "smoke",
+                           "--data", str(tmp_path / "stdlib"), "--work-dir", str(tmp_path / "runs"),
+                           "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    runs = figures["runs"]
+    assert [(r["variant"], r["seed"]) for r in runs] == [
+        (v, s) for v in ("plain", "elastic", "elastic-emoe") for s in (1234, 1235)]
+    for run in runs:  # 2 x 2 x 2 family members, then k+1 and k+2
+        labels = [row["submodel"] for row in run["family"]]
+        assert len(labels) == 10 and labels[0] == "layers=4,experts=8,topk=2"
+        assert labels[-2:] == ["layers=4,experts=8,topk=3", "layers=4,experts=8,topk=4"]
+        assert abs(run["family"][0]["loss"] - run["val_loss"]) < 1e-5 * run["val_loss"]
+    assert all(len(r["step_times"]) > 1 for r in runs if r["variant"] != "plain")
+    assert "ERNIE 5.0 ablation form" in proc.stdout and "| depth (4L / 3L) |" in proc.stdout
