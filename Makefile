@@ -40,7 +40,8 @@ $(COMPAT_VENV)/.installed: pyproject.toml
 	$(COMPAT_VENV)/bin/python -m pip install --no-deps -e .
 	touch $@
 
-# Train a small rotational MoUE (EP=2) on 2 CPU processes, on this Python's standard library.
+# Train a small rotational MoUE (EP=2) elastically on 2 CPU processes, on this Python's standard
+# library; then `.venv/bin/moue-eval --load runs/demo/checkpoints --family` prints its family.
 demo: install
 	test -f $(DEMO)/corpus/train.jsonl || $(VENV)/bin/moue-build-corpus --output $(DEMO)/corpus
 	$(VENV)/bin/moue-preprocess --input $(DEMO)/corpus/train.jsonl --output-prefix $(DEMO)/data/stdlib \
@@ -48,7 +49,7 @@ demo: install
 	$(CPU_RUN) $(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m moue.cli \
 		--config examples/configs/tiny_cpu.yaml data.mock=false data.path=$(DEMO)/data/stdlib \
 		data.tokenizer=byte logging.dir=$(DEMO) checkpoint.dir=$(DEMO)/checkpoints \
-		checkpoint.interval=200 $(DEMO_ARGS)
+		checkpoint.interval=200 elastic.enabled=true $(DEMO_ARGS)
 	@$(PY) -m moue.training.metrics $(DEMO)
 
 lint: install

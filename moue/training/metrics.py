@@ -278,6 +278,8 @@ def report(log_dir: str) -> str:
     if checkpoints.exists():
         lines.append(f"checkpoint:  {checkpoints.parent / checkpoints.read_text().strip()} "
                      "(run the same command again to resume from it)")
+        if any("submodel" in r for r in rows):  # an elastic run
+            lines.append(f"sub-models:  moue-eval --load {checkpoints.parent} --family")
     return "\n".join(lines)
 
 
