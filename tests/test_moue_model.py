@@ -97,3 +97,13 @@ def test_per_step_topk_expert_mask_and_layer_skip():
     run = launch(CASES, 1)["elastic_hooks"][0]
     assert run["counts"][0] == run["counts"][5] == 0  # masked experts are never chosen
     assert run["total"] == 3 * 2 * 16 * 1  # 3 routed layers x 32 tokens x top-1
+
+
+@pytest.mark.parametrize("layout", ["ep2", "pp2", "tp2_ep2"])
+def test_a_reduced_submodel_trains_alike_under_every_layout(layout):
+    """Layer 2 skipped, 4 of 8 pool experts, top-1 (set once, read by Megatron's dispatchers)."""
+    reference = launch(CASES, 1)["moue_submodel[single]"][0]
+    run = launch(CASES, 2)[f"moue_submodel[{layout}]"][0]
+    assert reference["losses"][0] != reference["losses"][-1]
+    for key in ("losses", "grad_norms", "balance_loss"):
+        assert max_rel(run[key], reference[key]) < RTOL, (key, run[key], reference[key])

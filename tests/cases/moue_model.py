@@ -292,3 +292,24 @@ def _elastic_hooks() -> dict:
 
 
 CASES.add("elastic_hooks", _elastic_hooks, nproc=1)
+
+
+# A fixed reduced sub-model (a layer skipped, half the pool, top-1) under parallel layouts: the
+# top-k set once on the config reaches Megatron's dispatchers of either megatron-core version.
+SUB = SubModel(layers=(0, 1, 3), experts=(0, 1, 4, 5), topk=1)
+
+
+def _train_submodel(layout: str, world_size: int) -> dict:
+    def build_fn(layout_, seed):
+        built = moue_builder(tiny())(layout_, seed)
+        apply_submodel(built.model, SUB)
+        return built
+
+    run = train(build_fn, layout_for(layout, world_size), lr=LR)
+    return {"losses": run["losses"], "grad_norms": run["grad_norms"],
+            "balance_loss": run["balance_loss"]}
+
+
+CASES.add("moue_submodel[single]", partial(_train_submodel, "single", 1), nproc=1)
+for _name in ("ep2", "pp2", "tp2_ep2"):
+    CASES.add(f"moue_submodel[{_name}]", partial(_train_submodel, _name, 2), nproc=2)
