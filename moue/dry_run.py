@@ -2,13 +2,15 @@
 
 Sizes and FLOPs come from ``moue.model.size``. The memory estimate covers weights, gradients and
 Adam states per rank (fp32 master weights and gradients, Adam moments sharded over data-parallel
-ranks by the distributed optimizer), not activations.
+ranks by the distributed optimizer), not activations. With ``elastic.enabled`` it lists the
+family's sub-models with their sizes (what ``moue-eval --family`` evaluates).
 """
 
 from __future__ import annotations
 
 from moue.config import RunConfig
-from moue.model.size import active_params, flops_per_token, param_counts
+from moue.elastic.submodel import family
+from moue.model.size import active_params, flops_per_token, param_counts, sizes
 from moue.run_check import check_run
 from parallel.layout import ParallelLayout
 
@@ -32,6 +34,9 @@ def report(cfg: RunConfig, world_size: int | None = None) -> dict:
         "train_flops_per_token": flops_per_token(m, moe, topology),
         "layout": layout.describe(),
         "memory_gib_per_rank": _memory(parts, layout),
+        "elastic_family": ([{"submodel": sub.label, **sizes(m, moe, topology, sub)}
+                            for sub in family(cfg.elastic_choices())]
+                           if cfg.elastic.enabled else None),
     }
 
 

@@ -78,3 +78,15 @@ def test_flops_per_token_counts_only_activated_experts(capsys):
     applied = out["params_active"] - parts["embedding"]
     attention = 6 * 4 * 128 * 64  # 6 * layers * seq * hidden (defaults: seq 128, hidden 64)
     assert out["train_flops_per_token"] == 6 * applied + attention
+
+
+def test_elastic_runs_list_their_family_with_sizes(capsys):
+    assert pretrain(["--config", "examples/configs/tiny_cpu.yaml", "--dry-run",
+                     "elastic.enabled=true"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    family = {row["submodel"]: row for row in out["elastic_family"]}
+    assert len(family) == 8 and family["layers=4,experts=16,topk=2"]["params_total"] == out[
+        "params_total"]
+    small = family["layers=3,experts=8,topk=1"]
+    assert small["params_active"] < out["params_active"]
+    assert small["fwd_flops_per_token"] < out["train_flops_per_token"] / 3

@@ -80,3 +80,13 @@ def flops_per_token(model: ModelConfig, moe: MoEConfig, topology: Topology | Non
     applied = active_params(model, moe, parts, topology, sub) - parts["embedding"]
     layers = model.num_layers if sub is None else len(sub.layers)
     return 6.0 * applied + 6.0 * layers * model.seq_length * model.hidden_size
+
+
+def sizes(model: ModelConfig, moe: MoEConfig, topology: Topology | None, sub=None) -> dict:
+    """Parameters total and activated per token, and forward FLOPs per token (a third of the
+    training FLOPs), of the model or of the elastic sub-model ``sub``."""
+    parts = param_counts(model, moe, topology, sub)
+    return {"params_total": sum(parts.values()),
+            "params_active": active_params(model, moe, parts, topology, sub),
+            "fwd_flops_per_token": flops_per_token(model, moe, topology, sub) / 3}
+

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from moue.config import RunConfig, load_config
 from moue.elastic.submodel import SubModel, family, full, parse
-from moue.model.size import active_params, flops_per_token, param_counts
+from moue.model.size import sizes
 from moue.run_check import check_run
 from moue.training import checkpoint
 from parallel import launch
@@ -51,15 +51,6 @@ def submodels_to_evaluate(cfg: RunConfig, texts: list[str], whole_family: bool) 
     return list(dict.fromkeys(subs))  # in order, once each
 
 
-def sizes(cfg: RunConfig, sub: SubModel | None) -> dict:
-    """Parameters total and activated per token, and forward FLOPs per token, of ``sub``."""
-    topology = cfg.topology()
-    parts = param_counts(cfg.model, cfg.moe, topology, sub)
-    return {"params_total": sum(parts.values()),
-            "params_active": active_params(cfg.model, cfg.moe, parts, topology, sub),
-            "fwd_flops_per_token": flops_per_token(cfg.model, cfg.moe, topology, sub) / 3}
-
-
 def evaluate(load: str, texts: list[str], whole_family: bool, overrides: list[str]) -> list[dict]:
     """Rows of the table (the same on every rank); starts and stops the process groups."""
     from moue.training.trainer import Trainer
@@ -83,7 +74,7 @@ def evaluate(load: str, texts: list[str], whole_family: bool, overrides: list[st
             rows.append({"submodel": label,
                          "layers": len(sub.layers) if sub else cfg.model.num_layers,
                          "experts": len(sub.experts) if sub else 0, "topk": sub.topk if sub else 0,
-                         **sizes(cfg, sub), "loss": loss, "ppl": math.exp(min(loss, 50.0))})
+                         **sizes(cfg.model, cfg.moe, cfg.topology(), sub), "loss": loss, "ppl": math.exp(min(loss, 50.0))})
         return rows
     finally:
         launch.shutdown()
