@@ -10,6 +10,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _smoke(script: str, tmp_path) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run a training benchmark at its smoke preset on a small built-in corpus; returns the
+    process and its --json figures."""
+    from data_tools.corpus import build_stdlib_corpus
+    from data_tools.preprocess import preprocess
+
+    corpus = build_stdlib_corpus(tmp_path / "corpus", limit_bytes=2_000_000)
+    preprocess([str(corpus.train)], str(tmp_path / "stdlib"), "byte", append_eod=True,
+               progress=False)
+    out = tmp_path / "figures.json"
+    proc = subprocess.run([sys.executable, script, "--preset", "smoke",
+                           "--data", str(tmp_path / "stdlib"), "--work-dir", str(tmp_path / "runs"),
+                           "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_speed_benchmark_runs_and_reports_ratios(tmp_path):
     out = tmp_path / "speed.json"
@@ -28,20 +47,7 @@ def test_speed_benchmark_runs_and_reports_ratios(tmp_path):
 
 @pytest.mark.slow
 def test_quality_benchmark_trains_matched_variants_on_the_same_data(tmp_path):
-    from data_tools.corpus import build_stdlib_corpus
-    from data_tools.preprocess import preprocess
-
-    corpus = build_stdlib_corpus(tmp_path / "corpus", limit_bytes=2_000_000)
-    preprocess([str(corpus.train)], str(tmp_path / "stdlib"), "byte", append_eod=True,
-               progress=False)
-    out = tmp_path / "quality.json"
-    proc = subprocess.run([sys.executable, "benchmarks/quality.py", "--preset", "smoke",
-                           "--data", str(tmp_path / "stdlib"), "--work-dir", str(tmp_path / "runs"),
-                           "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    figures = json.loads(out.read_text())
+    proc, figures = _smoke("benchmarks/quality.py", tmp_path)
     runs, params = figures["runs"], figures["params"]
     names = ["moe", "moue", "moue-nostate", "moue-perlayer", "moue-epbal", "dense"]
     assert [(r["variant"], r["seed"]) for r in runs] == [(v, s) for v in names for s in (1234, 1235)]
@@ -77,20 +83,7 @@ def test_every_quality_preset_builds_valid_matched_configs():
 
 @pytest.mark.slow
 def test_elastic_benchmark_trains_plain_and_elastic_and_tables_their_families(tmp_path):
-    from data_tools.corpus import build_stdlib_corpus
-    from data_tools.preprocess import preprocess
-
-    corpus = build_stdlib_corpus(tmp_path / "corpus", limit_bytes=2_000_000)
-    preprocess([str(corpus.train)], str(tmp_path / "stdlib"), "byte", append_eod=True,
-               progress=False)
-    out = tmp_path / "elastic.json"
-    proc = subprocess.run([sys.executable, "benchmarks/elastic.py", "--preset", "smoke",
-                           "--data", str(tmp_path / "stdlib"), "--work-dir", str(tmp_path / "runs"),
-                           "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    figures = json.loads(out.read_text())
+    proc, figures = _smoke("benchmarks/elastic.py", tmp_path)
     runs = figures["runs"]
     assert [(r["variant"], r["seed"]) for r in runs] == [
         (v, s) for v in ("plain", "elastic", "elastic-emoe") for s in (1234, 1235)]

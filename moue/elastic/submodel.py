@@ -25,8 +25,6 @@ import torch
 
 from parallel.errors import UserError
 
-AXES = ("layers", "experts", "topk")
-
 
 @dataclass(frozen=True)
 class SubModel:
@@ -37,9 +35,6 @@ class SubModel:
     @property
     def label(self) -> str:
         return f"layers={len(self.layers)},experts={len(self.experts)},topk={self.topk}"
-
-    def is_full(self, num_layers: int, num_experts: int, topk: int) -> bool:
-        return (len(self.layers), len(self.experts), self.topk) == (num_layers, num_experts, topk)
 
 
 def spread_layers(num_layers: int, depth: int) -> tuple[int, ...]:

@@ -26,9 +26,6 @@ from moue.training import checkpoint
 from parallel import launch
 from parallel.errors import UserError
 
-COLUMNS = ("submodel", "layers", "experts", "topk", "params_total", "params_active",
-           "fwd_flops_per_token", "loss", "ppl")
-
 
 def checkpoint_config(path: Path, overrides: list[str]) -> RunConfig:
     """The config a checkpoint was saved with, overridden. The layout is not the saved one but
