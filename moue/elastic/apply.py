@@ -33,15 +33,17 @@ def effective_mask(topology, moe_layer_freq: int, sub: SubModel) -> torch.Tensor
 
 
 def apply_submodel(chunk: torch.nn.Module, sub: SubModel, *, coactivation_prob: float = 0.0,
-                   k_ideal: int = 0, routing_seed: int = 0, sharpen_coeff: float = 0.0) -> None:
-    """Make ``chunk`` (an unwrapped GPTModel stage) compute ``sub`` from its next forward on."""
+                   k_ideal: int = 0, routing_seed: int = 0,
+                   sharpen_coeff: float = 0.0) -> torch.Tensor | None:
+    """Make ``chunk`` (an unwrapped GPTModel stage) compute ``sub`` from its next forward on.
+    Returns the effective eligibility the balance uses, or None when it is the whole mask."""
     decoder = chunk.decoder
     kept = set(sub.layers)
     for layer in decoder.layers:
         layer.skip = layer.layer_number - 1 not in kept
     routers = [layer.mlp.router for layer in decoder.layers if layer.is_moe_layer]
     if not routers:
-        return
+        return None
     shared = routers[0].shared
     topology = shared.topology
     device = decoder.pool_balance.loads_E.device
@@ -53,4 +55,7 @@ def apply_submodel(chunk: torch.nn.Module, sub: SubModel, *, coactivation_prob: 
                                     sharpen_coeff)
     chunk.config.moe_router_topk = sub.topk
     mask_LE = effective_mask(topology, shared.moe_layer_freq, sub)
-    shared.balance.set_eligibility(None if torch.equal(mask_LE, topology.mask_LE) else mask_LE)
+    if torch.equal(mask_LE, topology.mask_LE):
+        mask_LE = None
+    shared.balance.set_eligibility(mask_LE)
+    return mask_LE

@@ -16,6 +16,7 @@ the same under every layout and a resumed run continues exactly.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from data_tools.megatron_data import gpt_datasets
 from data_tools.tokenizer import load_tokenizer
 from moue.config import RunConfig
-from moue.elastic.apply import apply_submodel, effective_mask
+from moue.elastic.apply import apply_submodel
 from moue.elastic.schedule import Schedule
 from moue.elastic.submodel import SubModel
 from moue.elastic.submodel import full as full_submodel
@@ -136,15 +137,21 @@ class Trainer:
 
     # --- elastic sub-models ---
 
-    def use_submodel(self, sub: SubModel | None, routing_seed: int = 0) -> None:
-        """Compute ``sub`` (None: the full model) from the next forward on."""
+    def use_submodel(self, sub: SubModel | None, routing_seed: int = 0) -> torch.Tensor | None:
+        """Compute ``sub`` (None: the full model) from the next forward on; returns its effective
+        eligibility (None when it is the whole mask)."""
         if self.full is None:
-            return
+            return None
         e = self.cfg.elastic
-        apply_submodel(self.model.module, sub or self.full,
+        return apply_submodel(self.model.module, sub or self.full,
                        coactivation_prob=e.coactivation_prob if self.schedule else 0.0,
                        k_ideal=self.cfg.elastic_choices().k_ideal, routing_seed=routing_seed,
                        sharpen_coeff=e.sharpen_coeff if self.schedule else 0.0)
+
+    @functools.cache  # noqa: B019 - one Trainer per run, a handful of sub-models
+    def _submodel_flops(self, sub: SubModel) -> float:
+        cfg = self.cfg
+        return flops_per_token(cfg.model, cfg.moe, cfg.topology(), sub)
 
     def save(self) -> None:
         ckpt = self.cfg.checkpoint
@@ -202,13 +209,12 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics (the same numbers on every rank)."""
-        sub = None
+        sub = active_LE = None
         if self.schedule is not None:
             draw = self.schedule.draw(self.state.step)
             sub = draw.submodel
-            self.use_submodel(sub, draw.routing_seed)
-            cfg = self.cfg
-            self.clock.flops_per_token = flops_per_token(cfg.model, cfg.moe, cfg.topology(), sub)
+            active_LE = self.use_submodel(sub, draw.routing_seed)
+            self.clock.flops_per_token = self._submodel_flops(sub)
         self.clock.start()
         loss = self._run_schedule(self.train_data, self.state.consumed_samples, forward_only=False)
         if not math.isfinite(loss):
@@ -223,8 +229,7 @@ class Trainer:
         metrics = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "skipped": not ok, **self.clock.stop(tokens), "loads_LE": loads_LE}
         if sub is not None:
-            metrics["active_LE"] = effective_mask(self.cfg.topology(), self.cfg.model.moe_layer_freq,
-                                                  sub)
+            metrics["active_LE"] = active_LE
             metrics.update(self.submodel_figures.update(sub, loss, metrics["tokens_per_s"]))
         return metrics
 
