@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 COMPAT_VENV ?= .venv-mc019
 COMPAT_MCORE ?= megatron-core>=0.19,<0.20
 
-.PHONY: install test test-compat lint demo clean
+.PHONY: install test test-compat test-gpu lint demo clean
 
 DEMO ?= runs/demo
 DEMO_ARGS ?=
@@ -25,6 +25,11 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(PY) -m pytest -q
+
+# The GPU tests (marker `gpu`) on this machine's CUDA GPUs with NCCL: one GPU, and two where
+# present. Run it in the GPU image (docker/), whose PyTorch brings CUDA and Transformer Engine.
+test-gpu: install
+	$(PY) -m pytest -q -m gpu -rs
 
 # The compatibility subset (tests marked `compat`) against megatron-core 0.19.x. Its dependencies
 # are installed first and megatron-core with --no-deps, so --ignore-requires-python touches

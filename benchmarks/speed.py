@@ -62,13 +62,14 @@ WARMUP = 3  # untimed steps first
 
 
 def _megatron_moe_trainer():
-    """A Trainer whose model is Megatron-Core's own GPT with MoE from its local layer spec: N
-    private experts per layer, Megatron's router and Switch aux loss; the same engine steps it."""
+    """A Trainer whose model is Megatron-Core's own GPT with MoE from its own layer spec (local,
+    or Transformer Engine's where the run plan has it): N private experts per layer, Megatron's
+    router and Switch aux loss; the same engine steps it."""
     import dataclasses
 
     from megatron.core.models.gpt import GPTModel
 
-    from moue.model.layer_specs import local_gpt_block_spec
+    from moue.model.layer_specs import gpt_block_spec
     from moue.training.trainer import Trainer
 
     class MegatronMoETrainer(Trainer):
@@ -80,7 +81,8 @@ def _megatron_moe_trainer():
                 moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=cfg.moe.balance_coeff)
             pp = self.pg.pp
             return GPTModel(
-                config=config, transformer_layer_spec=local_gpt_block_spec(config, per_layer),
+                config=config, transformer_layer_spec=gpt_block_spec(
+                    config, per_layer, te=self.plan.transformer_impl == "transformer_engine"),
                 vocab_size=cfg.model.vocab_size, max_sequence_length=cfg.model.seq_length,
                 pre_process=pp.rank() == 0, post_process=pp.rank() == pp.size() - 1,
                 share_embeddings_and_output_weights=False, position_embedding_type="rope",

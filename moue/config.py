@@ -21,7 +21,21 @@ from moue.elastic.config import Choices, ElasticConfig, resolve
 from moue.model.balance import BALANCES
 from moue.model.topology import TOPOLOGIES, Topology, build_topology
 from moue.sections import Section, check, one_of, positive
+from parallel.capability import EXPERT_IMPLS, FP8_RECIPES, PRECISIONS, TRANSFORMER_IMPLS
 from parallel.errors import UserError
+
+# Megatron's selective-recompute modules moue allows, and those it refuses with the reason.
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "shared_experts")
+UNSAFE_RECOMPUTE = {
+    "moe": "recomputes whole MoE layers (Megatron's 'moe'), router included: the router's "
+           "trajectory state and the pool's load counts are side effects of its forward, and a "
+           "second forward under recompute would update them twice; use train.recompute=full "
+           "(built for this) or leave 'moe' out",
+    "moe_act": "keeps its recompute checkpoint on the expert module, and the pool is one module "
+               "serving every MoE layer: each layer would overwrite the previous layer's before "
+               "its backward; leave 'moe_act' out (or use train.recompute=full)",
+    "mla_up_proj": "needs multi-latent attention, which moue models do not have",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +50,8 @@ class ModelConfig(Section):
     ffn_hidden_size: int = 256  # dense (non-MoE) layers
     moe_layer_freq: int = 1  # every k-th layer (0, k, 2k, ...) is MoE; 0: dense, no MoE layers
     normalization: str = "RMSNorm"
+    activation: str = "gelu"  # gelu | swiglu (gated: linear_fc1 holds gate and up, gate first)
+    transformer_impl: str = "auto"  # auto | local | transformer_engine (parallel.capability)
 
     def _validate(self):
         positive("model", self, "num_layers", "hidden_size", "num_attention_heads",
@@ -51,6 +67,8 @@ class ModelConfig(Section):
               self.hidden_size, f"must be a multiple of model.num_attention_heads="
               f"{self.num_attention_heads}")
         one_of("model.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
+        one_of("model.activation", self.activation, ("gelu", "swiglu"))
+        one_of("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
 
     @property
     def dense(self) -> bool:
@@ -84,6 +102,7 @@ class MoEConfig(Section):
     ep_balance_coeff: float = 0.0  # per-layer balance over EP-rank groups (moue.model.balance)
     ep_balance_groups: int = 0  # groups (pool expert e in group e mod G); 0: parallel.ep
     eligibility: list | None = None  # explicit topology: each MoE layer's pool ids
+    expert_impl: str = "auto"  # auto | sequential | grouped (parallel.capability)
 
     def _validate(self):
         positive("moe", self, "num_experts", "expert_ffn_hidden_size", "topk", "window",
@@ -95,6 +114,7 @@ class MoEConfig(Section):
         one_of("moe.balance", self.balance, sorted(BALANCES))
         one_of("moe.score_function", self.score_function, ("softmax", "sigmoid"))
         one_of("moe.dispatcher", self.dispatcher, ("alltoall", "allgather"))
+        one_of("moe.expert_impl", self.expert_impl, EXPERT_IMPLS)
         check(self.ep_balance_groups >= 0, "moe.ep_balance_groups", self.ep_balance_groups,
               "must be an integer >= 0 (0: parallel.ep)")
         for n in ("balance_coeff", "aux_free_rate", "z_loss_coeff", "ep_balance_coeff"):
@@ -133,7 +153,10 @@ class TrainConfig(Section):
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     seed: int = 1234
-    precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp8
+    fp8_recipe: str = "tensorwise"  # tensorwise | blockwise (Hopper) | mxfp8 (Blackwell) | delayed
+    recompute: str = "none"  # none | selective | full (activation recomputation)
+    recompute_modules: list | None = None  # selective: Megatron's module names; None: core_attn
     eval_interval: int = 50
     eval_iters: int = 4
     on_nan: str = "stop"  # stop | skip: what a NaN/Inf loss does (skip: no update, data moves on)
@@ -147,7 +170,16 @@ class TrainConfig(Section):
         check(0 <= self.warmup_steps < self.steps, "train.warmup_steps", self.warmup_steps,
               f"must be a whole number below train.steps={self.steps}")
         one_of("train.schedule", self.schedule, ("cosine", "wsd"))
-        one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        one_of("train.precision", self.precision, PRECISIONS)
+        one_of("train.fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+        one_of("train.recompute", self.recompute, ("none", "selective", "full"))
+        if self.recompute_modules is not None:
+            check(self.recompute == "selective", "train.recompute_modules",
+                  self.recompute_modules, "is read with train.recompute=selective only")
+            for name in self.recompute_modules:
+                check(name not in UNSAFE_RECOMPUTE, "train.recompute_modules", name,
+                      UNSAFE_RECOMPUTE.get(name, ""))
+                one_of("train.recompute_modules", name, RECOMPUTE_MODULES)
         check(self.lr > 0, "train.lr", self.lr, "must be a positive learning rate, e.g. 3e-4")
         check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr,
               f"must be between 0 and train.lr={self.lr} (the schedule decays from lr to min_lr)")
@@ -230,7 +262,9 @@ class LoggingConfig(Section):
 # moe fields that steer training but do not change what the weights mean: a run may resume from a
 # checkpoint with other values.
 TRAINING_KNOBS = ("balance", "balance_coeff", "aux_free_rate", "z_loss_coeff", "dispatcher",
-                  "ep_balance_coeff", "ep_balance_groups")
+                  "ep_balance_coeff", "ep_balance_groups", "expert_impl")
+# model fields that choose kernels, not weights (checkpoints move between them)
+IMPLEMENTATION_KNOBS = ("transformer_impl",)
 
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig,
             "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
@@ -299,7 +333,9 @@ class RunConfig:
         run with the same ones. The rest (balance, dispatcher, learning rate, ...) may change
         when a run resumes."""
         moe = {k: v for k, v in dataclasses.asdict(self.moe).items() if k not in TRAINING_KNOBS}
-        return {"model": dataclasses.asdict(self.model), "moe": moe}
+        model = {k: v for k, v in dataclasses.asdict(self.model).items()
+                 if k not in IMPLEMENTATION_KNOBS}
+        return {"model": model, "moe": moe}
 
 
 def _nearest(key: str, valid, prefix: str = "") -> str:

@@ -3,7 +3,9 @@
 Sizes and FLOPs come from ``moue.model.size``. The memory estimate covers weights, gradients and
 Adam states per rank (fp32 master weights and gradients, Adam moments sharded over data-parallel
 ranks by the distributed optimizer), not activations. With ``elastic.enabled`` it lists the
-family's sub-models with their sizes (what ``moue-eval --family`` evaluates).
+family's sub-models with their sizes (what ``moue-eval --family`` evaluates). ``implementation``
+says how the run would be built (layer spec, pool, precision, fusions) on this machine and on a
+GPU machine with Transformer Engine (an H100), or why that machine would refuse it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 from moue.config import RunConfig
 from moue.elastic.submodel import family
 from moue.model.size import active_params, flops_per_token, param_counts, sizes
-from moue.run_check import check_run
+from moue.run_check import check_run, plan_run
+from parallel.capability import Capabilities
+from parallel.errors import UserError
 from parallel.layout import ParallelLayout
 
 
@@ -34,10 +38,19 @@ def report(cfg: RunConfig, world_size: int | None = None) -> dict:
         "train_flops_per_token": flops_per_token(m, moe, topology),
         "layout": layout.describe(),
         "memory_gib_per_rank": _memory(parts, layout),
+        "implementation": {"this_machine": _plan(cfg, None),
+                           "gpu_with_transformer_engine": _plan(cfg, Capabilities.reference_gpu())},
         "elastic_family": ([{"submodel": sub.label, **sizes(m, moe, topology, sub)}
                             for sub in family(cfg.elastic_choices())]
                            if cfg.elastic.enabled else None),
     }
+
+
+def _plan(cfg: RunConfig, caps: Capabilities | None) -> dict:
+    try:
+        return plan_run(cfg, caps).describe()
+    except UserError as err:
+        return {"refused": str(err)}
 
 
 def _memory(parts: dict[str, int], layout: ParallelLayout) -> dict[str, float]:

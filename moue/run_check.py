@@ -9,8 +9,38 @@ from __future__ import annotations
 import math
 
 from moue.config import RunConfig
+from parallel.capability import Capabilities, Plan, plan
 from parallel.errors import UserError
 from parallel.layout import ParallelLayout
+
+
+def plan_run(cfg: RunConfig, caps: Capabilities | None = None) -> Plan:
+    """How ``cfg`` is built on a machine with ``caps`` (None: this one): layer spec, pool,
+    precision; a ``UserError`` when the machine cannot serve the request."""
+    m, moe, t = cfg.model, cfg.moe, cfg.train
+    result = plan(caps or Capabilities.detect(), transformer_impl=m.transformer_impl,
+                  expert_impl=moe.expert_impl, precision=t.precision, fp8_recipe=t.fp8_recipe,
+                  has_experts=not m.dense)
+    if "layernorm" in (t.recompute_modules or []) and result.transformer_impl != "transformer_engine":
+        # tensor_parallel.CheckpointWithoutOutput() reads Transformer Engine's FP8 state even
+        # when FP8 is off (megatron-core 0.16.1 and 0.19): a NameError without TE.
+        raise UserError("train.recompute_modules: 'layernorm' needs Transformer Engine's layers "
+                        "(Megatron-Core's norm recompute calls into Transformer Engine); leave it "
+                        "out, or run where model.transformer_impl resolves to transformer_engine")
+    if result.grouped_gemm == "torch":  # torch._grouped_mm wants rows aligned to 16 bytes
+        align = 16 // (2 if result.precision == "bf16" else 4)
+        ffn = moe.expert_ffn_hidden_size * (2 if m.activation == "swiglu" else 1)
+        p = cfg.parallel
+        etp = ParallelLayout.default_etp(p.tp, p.ep) if p.etp is None else p.etp
+        for name, value, split in (("model.hidden_size", m.hidden_size, 1),
+                                   ("moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size, etp),
+                                   ("moe.expert_ffn_hidden_size (gate and up)", ffn, etp)):
+            if (value // split) % align:
+                raise UserError(f"{name}={value}: torch's grouped GEMM (moe.expert_impl=grouped "
+                                f"without Transformer Engine) needs it, per expert-tensor-parallel "
+                                f"rank, a multiple of {align} in {result.precision}; change it or "
+                                "use moe.expert_impl=sequential")
+    return result
 
 
 def smallest_world(cfg: RunConfig) -> int:

@@ -23,7 +23,7 @@ from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moue.config import TrainConfig
-from moue.model.layer_specs import local_gpt_block_spec
+from moue.model.layer_specs import gpt_block_spec
 from moue.training.engine import build_engine
 from parallel.launch import init_model_parallel, seed_everything
 from parallel.layout import ParallelLayout
@@ -146,7 +146,7 @@ def megatron_builder(shape: TinyGPT):
     def build_fn(layout: ParallelLayout, seed: int) -> Built:
         config = transformer_config(shape, layout)
         model = GPTModel(
-            config=config, transformer_layer_spec=local_gpt_block_spec(config, shape.num_experts),
+            config=config, transformer_layer_spec=gpt_block_spec(config, shape.num_experts),
             vocab_size=shape.vocab_size, max_sequence_length=shape.seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),

@@ -8,6 +8,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from moue.config import RunConfig, load_config
 from moue.model.builder import balance_modules, build_model, pipeline_shapes
 from moue.model.megatron_config import transformer_config
+from moue.run_check import plan_run
 from parallel.layout import ParallelLayout
 from parallel.pool_sync import finish_step_loads
 from tests.megatron_gpt import Built, Data
@@ -27,9 +28,11 @@ def tiny(*overrides: str) -> RunConfig:
 
 def moue_builder(cfg: RunConfig):
     def build_fn(layout: ParallelLayout, seed: int) -> Built:
-        config = transformer_config(cfg.model, cfg.moe, layout, device=torch.device("cpu"))
+        plan = plan_run(cfg)
+        config = transformer_config(cfg.model, cfg.moe, layout, plan, device=torch.device("cpu"),
+                                    train=cfg.train)
         model = build_model(cfg.model, cfg.moe, cfg.topology(), config,
-                            ProcessGroupCollection.use_mpu_process_groups())
+                            ProcessGroupCollection.use_mpu_process_groups(), plan)
         balances = balance_modules([model])
         return Built(model, config, Data(cfg.model.vocab_size, cfg.model.seq_length),
                      pipeline_shapes=pipeline_shapes(cfg.moe.router_state_dim),

@@ -90,3 +90,22 @@ def test_elastic_runs_list_their_family_with_sizes(capsys):
     small = family["layers=3,experts=8,topk=1"]
     assert small["params_active"] < out["params_active"]
     assert small["fwd_flops_per_token"] < out["train_flops_per_token"] / 3
+
+
+def test_reports_the_implementation_here_and_on_a_gpu_with_transformer_engine(capsys):
+    out = _dry_run(capsys, *ISSUE_EXAMPLE, "model.activation=swiglu")["implementation"]
+    assert out["this_machine"] == {"transformer_impl": "local", "expert_impl": "sequential",
+                                   "grouped_gemm": None, "precision": "fp32", "fp8_recipe": None,
+                                   "fusions": False}
+    assert out["gpu_with_transformer_engine"] == {
+        "transformer_impl": "transformer_engine", "expert_impl": "grouped",
+        "grouped_gemm": "transformer_engine", "precision": "bf16", "fp8_recipe": None,
+        "fusions": True}
+
+
+def test_fp8_is_refused_here_and_planned_on_a_gpu(capsys):
+    out = _dry_run(capsys, *ISSUE_EXAMPLE, "train.precision=fp8",
+                   "train.fp8_recipe=blockwise")["implementation"]
+    assert "train.precision=fp8" in out["this_machine"]["refused"]
+    gpu = out["gpu_with_transformer_engine"]
+    assert (gpu["precision"], gpu["fp8_recipe"]) == ("fp8", "blockwise")

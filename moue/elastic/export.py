@@ -38,8 +38,12 @@ from moue.training import checkpoint
 from parallel import launch
 from parallel.errors import UserError
 
+# The export runs as one CPU process with the sequential pool (its state_dict keys are the ones
+# submodel_state renames); the written config keeps the run's own implementation and precision.
 SINGLE = ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.etp=null",
-          "data.mock=true", "data.path=null", "data.blend=null", "train.eval_interval=0"]
+          "data.mock=true", "data.path=null", "data.blend=null", "train.eval_interval=0",
+          "model.transformer_impl=local", "moe.expert_impl=sequential", "train.precision=fp32",
+          "train.recompute=none", "train.recompute_modules=null"]
 LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
 EXPERT_KEY = re.compile(r"decoder\.expert_pool\.local_experts\.(\d+)\.(.*)")
 
@@ -136,6 +140,8 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
     sub = reachable_only(parse(text, choices, cfg.topology().window), cfg)
     tree = submodel_tree(cfg, sub)
     tree["checkpoint"] = {**tree["checkpoint"], "dir": str(out)}
+    for section, key in (("model", "transformer_impl"), ("moe", "expert_impl")):
+        tree[section] = {**tree[section], key: saved.get(section, {}).get(key, "auto")}
     kept = {k: saved[k] for k in ("parallel", "data", "train") if k in saved}
     target = load_config(None, overrides, base={**tree, **kept})
     try:
@@ -144,7 +150,7 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
         raise UserError(f"the exported sub-model ({sub.label}): {err}") from None
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    single = load_config(None, [*SINGLE, f"checkpoint.dir={tmp}"], base=tree)
+    single = load_config(None, [*SINGLE, f"checkpoint.dir={tmp}"], base=tree)  # as cfg runs
     layout = check_run(single, 1)
     launch.init_distributed(layout, device="cpu", env=env)
     try:

@@ -19,25 +19,28 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moue.config import ModelConfig, MoEConfig
 from moue.model.balance import Balance, build_balance
-from moue.model.layer_specs import local_gpt_block_spec, moue_block_spec
+from moue.model.layer_specs import gpt_block_spec, moue_block_spec
 from moue.model.pool import UniversalEmbedding, shared_pool_factory
 from moue.model.router import SharedRouting, UniversalRouter
 from moue.model.topology import Topology
+from parallel.capability import Plan
 from parallel.pool_sync import broadcast_replicas, mark_pipeline_replicas
 
 
 def build_model(model_cfg: ModelConfig, moe: MoEConfig, topology: Topology | None,
-                config: TransformerConfig, pg_collection) -> GPTModel:
+                config: TransformerConfig, pg_collection, plan: Plan) -> GPTModel:
     """The MoUE GPT for this rank's pipeline stage (Megatron's dense GPT when
     ``model.moe_layer_freq=0``, ``topology`` None: the baseline with the same layers and no
-    experts). ``topology`` is the run's one (``RunConfig.topology()``)."""
+    experts). ``topology`` is the run's one (``RunConfig.topology()``); ``plan`` chooses the
+    layer spec and the pool (``parallel.capability.plan``)."""
+    te = plan.transformer_impl == "transformer_engine"
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     gpt = partial(GPTModel, config=config, vocab_size=model_cfg.vocab_size,
                   max_sequence_length=model_cfg.seq_length, pre_process=pp_rank == 0,
                   post_process=pp_rank == pp_size - 1, share_embeddings_and_output_weights=False,
                   position_embedding_type="rope", pg_collection=pg_collection)
     if model_cfg.dense:
-        return gpt(transformer_layer_spec=local_gpt_block_spec(config, None))
+        return gpt(transformer_layer_spec=gpt_block_spec(config, None, te))
     embedding = (UniversalEmbedding(moe.num_experts, moe.router_state_dim, config.init_method,
                                     config.sequence_parallel)
                  if moe.router_state_dim else None)
@@ -50,13 +53,14 @@ def build_model(model_cfg: ModelConfig, moe: MoEConfig, topology: Topology | Non
 
     def remember_factory(experts_spec):
         nonlocal experts_factory
-        experts_factory = experts_factory or shared_pool_factory(experts_spec)
+        experts_factory = experts_factory or shared_pool_factory(
+            experts_spec, grouped=plan.expert_impl == "grouped")
         return experts_factory
 
     spec = moue_block_spec(config, moe_layer_freq=model_cfg.moe_layer_freq,
                            state_dim=moe.router_state_dim,
                            router=partial(UniversalRouter, shared=shared),
-                           experts_factory=remember_factory, pp_rank=pp_rank)
+                           experts_factory=remember_factory, pp_rank=pp_rank, te=te)
     model = gpt(transformer_layer_spec=spec)
     _register_shared(model.decoder, experts_factory.pool, shared)
     replicas = [*model.decoder.expert_pool.parameters(),

@@ -1,4 +1,11 @@
-"""Layer specs built from Megatron-Core modules when Transformer Engine is not installed.
+"""Layer specs: Megatron-Core's own spec functions, local or Transformer Engine
+(``Plan.transformer_impl``), carrying the MoUE layer, the universal router and the shared pool.
+
+With Transformer Engine (``get_gpt_layer_with_transformer_engine_spec``) attention is TE's fused
+attention and the norms are fused into the next linear (``linear_qkv.layer_norm_weight``);
+Megatron's local spec keys its norms the same way in checkpoints, so a config gets the same
+initial weights on either spec (``moue.model.init`` draws each weight from its key). The grouped pool takes TE's grouped linears from the TE spec, and
+``moue.model.grouped_linear`` (torch's grouped GEMM) with the local spec.
 
 Megatron-Core's local spec normalises with ``WrappedTorchNorm``, which refuses sequence
 parallelism (``assert not config.sequence_parallel``, megatron/core/transformer/torch_norm.py) -
@@ -13,7 +20,11 @@ from __future__ import annotations
 
 import copy
 
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.moe.experts import TEGroupedMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (
@@ -53,44 +64,73 @@ def _replace_norms(spec: ModuleSpec) -> ModuleSpec:
     return spec
 
 
-def local_gpt_block_spec(config: TransformerConfig, num_experts: int | None) -> TransformerBlockSubmodules:
-    """Megatron-Core's local GPT layer spec for every layer, with sequence-parallel-safe norms.
+def _layer_spec(config: TransformerConfig, num_experts: int | None, te: bool) -> ModuleSpec:
+    """Megatron-Core's GPT layer spec (TE or local with sequence-parallel-safe norms)."""
+    if te:
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm,
+            qk_layernorm=config.qk_layernorm)
+    return _replace_norms(get_gpt_layer_local_spec(
+        num_experts=num_experts, normalization=config.normalization,
+        qk_layernorm=config.qk_layernorm))
 
-    Returned as block submodules (for this pipeline stage's layers) so the final norm is
-    sequence-parallel-safe too.
-    """
-    layer = _replace_norms(get_gpt_layer_local_spec(
-        num_experts=num_experts, normalization=config.normalization, qk_layernorm=config.qk_layernorm))
+
+def _final_norm(te: bool):
+    if te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return SequenceParallelTorchNorm
+
+
+def torch_grouped_experts_spec() -> ModuleSpec:
+    """``TEGroupedMLP`` over torch's grouped GEMM (``moue.model.grouped_linear``)."""
+    from moue.model.grouped_linear import TorchGroupedLinear, TorchRowParallelGroupedLinear
+
+    try:  # megatron-core 0.19 has its own submodules class for the grouped MLP
+        from megatron.core.transformer.moe.experts import GroupedMLPSubmodules as Submodules
+    except ImportError:
+        from megatron.core.transformer.mlp import MLPSubmodules as Submodules
+    return ModuleSpec(module=TEGroupedMLP, submodules=Submodules(
+        linear_fc1=TorchGroupedLinear, linear_fc2=TorchRowParallelGroupedLinear))
+
+
+def gpt_block_spec(config: TransformerConfig, num_experts: int | None,
+                   te: bool = False) -> TransformerBlockSubmodules:
+    """Megatron-Core's GPT layer spec for every layer (the dense model, or Megatron's own MoE);
+    the local spec with sequence-parallel-safe norms. Returned as block submodules (for this
+    pipeline stage's layers) so the final norm is sequence-parallel-safe too."""
+    layer = _layer_spec(config, num_experts, te)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
-                                      layer_norm=SequenceParallelTorchNorm)
+                                      layer_norm=_final_norm(te))
 
 
 def moue_block_spec(config: TransformerConfig, *, moe_layer_freq: int, state_dim: int,
-                    router, experts_factory, pp_rank: int) -> TransformerBlockSubmodules:
+                    router, experts_factory, pp_rank: int, te: bool) -> TransformerBlockSubmodules:
     """This stage's layers: MoUE layers (shared pool, universal router) every ``moe_layer_freq``
     layers and dense layers between them, all carrying the trajectory state.
 
     ``router`` is the ``MoESubmodules.router`` builder, ``experts_factory`` the class returning
-    the stage's one pool (``moue.model.pool.shared_pool_factory``).
+    the stage's one pool (``moue.model.pool.shared_pool_factory``) from the experts' spec.
     """
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     from moue.model.layer import MoUETransformerLayer
 
     def layer_spec(is_moe: bool) -> ModuleSpec:
-        spec = _replace_norms(get_gpt_layer_local_spec(
-            num_experts=config.num_moe_experts if is_moe else None,
-            normalization=config.normalization, qk_layernorm=config.qk_layernorm))
+        spec = _layer_spec(config, config.num_moe_experts if is_moe else None, te)
         spec.module = MoUETransformerLayer
         spec.params = {**(spec.params or {}), "state_dim": state_dim}
         if is_moe:
             moe = submodules_of(spec.submodules.mlp)
             moe.router = router
-            moe.experts = experts_factory(moe.experts)
+            grouped_local = config.moe_grouped_gemm and not te
+            moe.experts = experts_factory(torch_grouped_experts_spec() if grouped_local
+                                          else moe.experts)
         return spec
 
     offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, pp_rank=pp_rank)
     kinds = [(offset + i) % moe_layer_freq == 0 for i in range(count)]
     return TransformerBlockSubmodules(layer_specs=[layer_spec(k) for k in kinds],
-                                      layer_norm=SequenceParallelTorchNorm)
+                                      layer_norm=_final_norm(te))

@@ -1,22 +1,28 @@
 """The universal expert pool and the universal expert-embedding table, shared by all MoE layers.
 
-One ``ExpertPool`` (Megatron-Core's ``SequentialMLP`` over the pool's ``E`` experts, ``E/EP`` on
-each expert-parallel rank) serves every MoE layer of a pipeline stage. It is registered once, on
-the decoder, so ``parameters()``, DDP buffers and checkpoints hold it once.
+One pool (``E/EP`` of the pool's ``E`` experts on each expert-parallel rank) serves every MoE
+layer of a pipeline stage. It is registered once, on the decoder, so ``parameters()``, DDP
+buffers and checkpoints hold it once. Two implementations, chosen by ``moe.expert_impl``:
+
+- ``ExpertPool``: Megatron-Core's ``SequentialMLP`` (one MLP per expert, a loop over them);
+- ``GroupedExpertPool``: Megatron-Core's ``TEGroupedMLP`` (all local experts in one grouped
+  GEMM): Transformer Engine's ``GroupedLinear`` on GPUs, ``TorchGroupedLinear`` elsewhere.
 
 Placement: Megatron-Core gives EP rank ``r`` the contiguous expert indices
 ``[r*E/EP, (r+1)*E/EP)``. A window of consecutive pool ids would then sit on one or two ranks
 and that layer's tokens would all go there. Pool expert ``e`` is therefore placed on rank
 ``e mod EP``: Megatron index ``m = r*E_loc + i`` holds pool id ``e = i*EP + r``. The router
-emits its routing map in Megatron's order (``megatron_to_pool``); checkpoints are keyed by pool
-id, so they load under any EP.
+emits its routing map in Megatron's order (``megatron_to_pool``). ``PoolPlacement`` (shared by
+both pools) keys checkpoints by pool id, so they load under any EP and into either pool: both
+write ``experts.linear_fc1.weight`` / ``experts.linear_fc2.weight`` with the expert axis first.
 """
 
 from __future__ import annotations
 
 import torch
-from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
-from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 
 
 def megatron_to_pool(num_experts: int, ep: int) -> torch.Tensor:
@@ -26,12 +32,49 @@ def megatron_to_pool(num_experts: int, ep: int) -> torch.Tensor:
     return (m % local) * ep + m // local
 
 
-class ExpertPool(SequentialMLP):
+class PoolPlacement:
+    """What both pools share: the pool ids of this rank, and checkpoints keyed by pool id.
+
+    Megatron's experts write their shards at Megatron expert indices; ``sharded_state_dict``
+    moves each to its pool id on the expert axis, and marks the pool as replicated over
+    pipeline stages and expert-data-parallel ranks."""
+
+    def _place(self, pg_collection) -> None:
+        self.pp_group = pg_collection.pp  # pipeline stages hold replicas of the pool
+
+    def pool_ids(self) -> list[int]:
+        ep, rank = self.ep_group.size(), self.ep_group.rank()
+        return [i * ep + rank for i in range(self.num_local_experts)]
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        if (metadata or {}).get("singleton_local_shards"):
+            raise NotImplementedError("moue's pool does not support singleton_local_shards")
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        axis = len(sharded_offsets)
+        to_pool = megatron_to_pool(self.ep_group.size() * self.num_local_experts,
+                                   self.ep_group.size()).tolist()
+        replica = (self.pp_group.rank(), self.dp_group.rank())
+
+        def move(sh):
+            if isinstance(sh, ShardedTensorFactory):  # e.g. SwiGLU's fc1: built at save/load
+                build = sh.build_fn
+                sh.build_fn = lambda *args: dict_list_map_inplace(move, build(*args))
+            else:
+                offset = list(sh.global_offset)
+                offset[axis] = to_pool[offset[axis]]
+                sh.global_offset = tuple(offset)
+            sh.replica_id = (replica[0], sh.replica_id[1], replica[1])
+            return sh
+
+        return dict_list_map_inplace(move, state)
+
+
+class ExpertPool(PoolPlacement, SequentialMLP):
     """Megatron's SequentialMLP holding this rank's share of the pool (pool ids ``i*EP + r``)."""
 
     def __init__(self, num_local_experts, config, submodules, pg_collection):
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
-        self.pp_group = pg_collection.pp  # pipeline stages hold replicas of the pool
+        self._place(pg_collection)
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         """SequentialMLP's loop over the local experts, leaving out those without tokens.
@@ -52,27 +95,15 @@ class ExpertPool(SequentialMLP):
         outputs = [self.local_experts[i](tokens[i], probs[i])[0] for i in busy]
         return torch.cat(outputs, dim=0), None
 
-    def pool_ids(self) -> list[int]:
-        ep, rank = self.ep_group.size(), self.ep_group.rank()
-        return [i * ep + rank for i in range(self.num_local_experts)]
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """Each local expert under its pool id; pipeline stages hold replicas (replica_id[0])."""
-        num_experts = self.ep_group.size() * self.num_local_experts
-        pp_rank = self.pp_group.rank()
-        out = {}
-        for local_idx, (expert, pool_id) in enumerate(zip(self.local_experts, self.pool_ids(),
-                                                          strict=True)):
-            local_prefix = f"{prefix}local_experts.{local_idx}."
-            state = expert.sharded_state_dict(
-                local_prefix, (*sharded_offsets, (len(sharded_offsets), pool_id, num_experts)),
-                metadata)
-            replace_prefix_for_sharding(state, local_prefix, f"{prefix}experts.")
-            for sh in state.values():
-                # Replicated over expert-data-parallel ranks and over pipeline stages.
-                sh.replica_id = (pp_rank, sh.replica_id[1], self.dp_group.rank())
-            out.update(state)
-        return out
+class GroupedExpertPool(PoolPlacement, TEGroupedMLP):
+    """Megatron's TEGroupedMLP holding this rank's share of the pool: one grouped GEMM per
+    linear over the local experts, in Megatron's expert order (as the router emits it)."""
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection):
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+        self.dp_group = pg_collection.expt_dp
+        self._place(pg_collection)
 
 
 class UniversalEmbedding(torch.nn.Module):
@@ -87,7 +118,7 @@ class UniversalEmbedding(torch.nn.Module):
         self.weight.sequence_parallel = sequence_parallel
 
 
-def shared_pool_factory(experts_spec):
+def shared_pool_factory(experts_spec, grouped: bool):
     """A stand-in for ``MoESubmodules.experts`` that builds the pool on first use, then reuses it.
 
     A class (Megatron's ``build_module`` returns plain functions uncalled), one per model build.
@@ -95,12 +126,14 @@ def shared_pool_factory(experts_spec):
 
     from moue.model.layer_specs import submodules_of
 
+    pool_class = GroupedExpertPool if grouped else ExpertPool
+
     class SharedPool:
-        pool: ExpertPool | None = None
+        pool: ExpertPool | GroupedExpertPool | None = None
 
         def __new__(cls, num_local_experts, config, pg_collection=None, **_):
             if cls.pool is None:
-                cls.pool = ExpertPool(num_local_experts, config, submodules_of(experts_spec),
+                cls.pool = pool_class(num_local_experts, config, submodules_of(experts_spec),
                                       pg_collection)
             return cls.pool
 

@@ -158,10 +158,11 @@ class UniversalRouter(TopKRouter):
         balance = self.shared.balance
         probs_TE, map_TE = self._select(logits_TE, self.topk)
         elastic = self.shared.elastic
-        training = self.training and torch.is_grad_enabled()
-        if training and elastic.coactivation_prob > 0:
+        # Routing itself depends on self.training alone: under full recompute the first pass
+        # runs without grad and must route as the recomputed one does.
+        if self.training and elastic.coactivation_prob > 0:
             probs_TE, map_TE = self._coactivate(logits_TE, probs_TE, map_TE, s, b)
-        if training:
+        if self.training and torch.is_grad_enabled():
             # Counted once per forward: under full recompute the first pass runs without grad.
             probs_TE = self._attach_balance_loss(logits_TE, probs_TE, map_TE)
             if elastic.sharpen_coeff:

@@ -1,7 +1,8 @@
 """How big a model is and how much compute a token costs, from its config alone (no weights).
 
-Parameter counts follow the modules ``moue.model.builder`` builds (local spec: GELU MLPs without
-biases, RMSNorm/LayerNorm, untied embeddings, RoPE). ``active_params`` counts the parameters
+Parameter counts follow the modules ``moue.model.builder`` builds (MLPs without biases, GELU or
+SwiGLU, RMSNorm/LayerNorm, untied embeddings, RoPE; the same on the local and the Transformer
+Engine specs, which fuse the norms into the next linear but keep their weights). ``active_params`` counts the parameters
 applied to one token: everything except the pool, plus ``topk`` experts in each MoE layer (U and
 the routers count in full). In MoUE an expert reachable from several layers can be applied
 several times to the same token, so the active count can exceed the total: it measures compute
@@ -45,7 +46,7 @@ def param_counts(model: ModelConfig, moe: MoEConfig, topology: Topology | None,
         "embedding": model.vocab_size * h,
         "output_layer": model.vocab_size * h,
         "attention": layers * attention,
-        "dense_mlp": (layers - n_moe) * (2 * h * model.ffn_hidden_size + norm),
+        "dense_mlp": (layers - n_moe) * (mlp_params(model, model.ffn_hidden_size) + norm),
         "moe_norms": n_moe * norm,
         "routers": n_moe * window * h,
         "shared_experts": n_moe * moe.shared_experts * expert_params(model, moe),
@@ -55,8 +56,13 @@ def param_counts(model: ModelConfig, moe: MoEConfig, topology: Topology | None,
     }
 
 
+def mlp_params(model: ModelConfig, ffn: int) -> int:
+    """An MLP's weights: fc1 (twice as wide with SwiGLU: gate and up) and fc2."""
+    return (3 if model.activation == "swiglu" else 2) * model.hidden_size * ffn
+
+
 def expert_params(model: ModelConfig, moe: MoEConfig) -> int:
-    return 2 * model.hidden_size * moe.expert_ffn_hidden_size
+    return mlp_params(model, moe.expert_ffn_hidden_size)
 
 
 def active_params(model: ModelConfig, moe: MoEConfig, parts: dict[str, int],

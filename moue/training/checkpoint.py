@@ -174,9 +174,15 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def _check_config(saved: dict, run_config, path: Path) -> None:
     current = run_config.architecture()
-    diffs = [f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, now {value!r}"
+    # A field added after the checkpoint was written has its default there.
+    defaults = type(run_config)().architecture()
+
+    def was(section, key):
+        return saved.get(section, {}).get(key, defaults[section][key])
+
+    diffs = [f"{section}.{key}: checkpoint {was(section, key)!r}, now {value!r}"
              for section, values in current.items() for key, value in values.items()
-             if saved.get(section, {}).get(key) != value]
+             if was(section, key) != value]
     if diffs:
         raise UserError(f"checkpoint {path} is of another model:\n  " + "\n  ".join(diffs)
                         + "\nuse the same model/moe settings, or a new checkpoint.dir")
@@ -235,7 +241,8 @@ def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection) 
         return {k: v for k, v in meta.items() if k != "config"}
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     for index, part in enumerate(parts):
-        load_distributed_optimizer_state(part, _part_state(loaded["optimizer"], index, part))
+        load_distributed_optimizer_state(part, _part_state(loaded["optimizer"], index, part,
+                                                           chained=len(parts) > 1))
     if len(parts) > 1:
         optimizer._synchronize_steps()
     rng = path / f"rng_rank{torch.distributed.get_rank()}.pt"
@@ -309,7 +316,7 @@ def _take_lock(field: str, directory: Path, held: list) -> str | None:
     return None
 
 
-def _part_state(loaded: dict, index: int, part) -> dict:
+def _part_state(loaded: dict, index: int, part, chained: bool) -> dict:
     """The loaded state of one part of a (possibly chained) distributed optimizer.
 
     The per-parameter tensors were placed in the structure this run asked for; the param groups
@@ -318,7 +325,10 @@ def _part_state(loaded: dict, index: int, part) -> dict:
     own param groups (lr and weight decay are set by the schedule every step; betas, eps from the
     config) and takes Adam's step from the checkpoint.
     """
-    state = loaded.get(index, loaded)
+    # The per-parameter tensors ("param_state") follow this run's structure: under part
+    # ``index`` when this run's optimizer is chained, at the top when it is one optimizer (even
+    # when the checkpoint's was chained and so has parts 0, 1 holding only param groups).
+    state = loaded[index] if chained else loaded
     saved_groups = _saved_param_groups(loaded)
     groups = part.state_dict()["optimizer"]["param_groups"]
     steps = {g["step"] for g in saved_groups if "step" in g}

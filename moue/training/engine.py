@@ -61,6 +61,13 @@ def build_engine(module: torch.nn.Module, config: TransformerConfig, train: Trai
                  distributed_optimizer: bool = True) -> Engine:
     """Wrap ``module`` (this rank's model chunk, already on its device) for training."""
     bf16 = config.params_dtype == torch.bfloat16
+    # One dtype for every parameter, as Megatron-LM's Float16Module makes it: Megatron's
+    # distributed optimizer orders a group's main params fp32-first, and its index map assumes
+    # no group mixes fp32 and bf16 (a mixed group breaks saving its state). Routers create their
+    # weights in fp32 (Megatron's and moue's); they compute in fp32 whatever their dtype.
+    for param in module.parameters():
+        if param.dtype != config.params_dtype:
+            param.data = param.data.to(config.params_dtype)
     model = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                               use_distributed_optimizer=distributed_optimizer),

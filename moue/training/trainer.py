@@ -39,7 +39,7 @@ from moue.model.builder import balance_modules, build_model, pipeline_shapes
 from moue.model.init import init_by_global_key
 from moue.model.megatron_config import top1_post_softmax, transformer_config
 from moue.model.size import flops_per_token
-from moue.run_check import check_run
+from moue.run_check import check_run, plan_run
 from moue.training import checkpoint
 from moue.training.engine import build_engine
 from moue.training.metrics import MetricsLogger, StepClock, SubModelFigures, step_figures
@@ -95,9 +95,9 @@ class Trainer:
                  pg_collection: ProcessGroupCollection | None = None):
         self.cfg, self.layout, self.device = cfg, layout, device
         self.pg = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-        megatron_config = transformer_config(cfg.model, cfg.moe, layout, device=device,
-                                             params_dtype=torch.bfloat16 if bf16 else torch.float32)
+        self.plan = plan_run(cfg)  # refuses what this machine cannot run, before building
+        megatron_config = transformer_config(cfg.model, cfg.moe, layout, self.plan, device=device,
+                                             train=cfg.train)
         model = self.build_module(megatron_config)
         init_by_global_key(model, cfg.train.seed, model.config.init_method_std,
                            cfg.model.num_layers)
@@ -122,7 +122,7 @@ class Trainer:
         A subclass may build another model on the same engine (the speed benchmark's
         Megatron-Core MoE anchor does)."""
         cfg = self.cfg
-        return build_model(cfg.model, cfg.moe, cfg.topology(), megatron_config, self.pg)
+        return build_model(cfg.model, cfg.moe, cfg.topology(), megatron_config, self.pg, self.plan)
 
     # --- checkpointed state beside the model and the optimizer ---
 
@@ -309,6 +309,7 @@ def run(cfg: RunConfig) -> None:
     """``moue-pretrain``: check the run, start the process groups, build, train."""
     env = launch.read_launch_env()
     layout = check_run(cfg, env.world_size)
+    plan_run(cfg)  # what this machine cannot serve is refused before any process group exists
     launch.init_distributed(layout, device="auto", env=env)
     if not cfg.model.dense and top1_post_softmax(cfg.moe) and env.rank == 0:
         print("moue-pretrain: note: moe.topk=1 with post-softmax scores gives every token a gate "

@@ -259,6 +259,10 @@ DRY_RUN_CONFIGS = {
         "model.moe_layer_freq=2", "moe.shared_experts=1", "model.num_query_groups=2",
         "model.normalization=LayerNorm", "moe.topology=full"),
     "dense_baseline": ("model.moe_layer_freq=0", "model.ffn_hidden_size=96"),
+    "swiglu_shared_dense_between": ("model.activation=swiglu", "model.moe_layer_freq=2",
+                                    "moe.shared_experts=1"),
+    "swiglu_grouped_pool": ("model.activation=swiglu", "moe.expert_impl=grouped"),
+    "swiglu_dense_baseline": ("model.activation=swiglu", "model.moe_layer_freq=0"),
 }
 
 

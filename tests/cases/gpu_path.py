@@ -1,0 +1,105 @@
+"""Cases: the pools, activations, recompute and precisions of the GPU path, through the Trainer
+(test_gpu_path.py on CPU processes; test_gpu.py runs the same cases on GPUs).
+
+Each case trains tiny_cpu.yaml (SwiGLU, 4 steps) under a layout and returns its losses and grad
+norms per step. With ``save_at`` it stops after that step (SIGTERM: a checkpoint is written);
+with ``resume_from`` it starts from the checkpoint another case wrote, under its own settings
+(the other pool, precision or layout), and trains the remaining steps.
+"""
+
+import json
+import os
+import shutil
+import signal
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+import moue.training.trainer as training
+from moue.config import load_config
+from parallel.launch import init_model_parallel, resolve_device
+from parallel.layout import ParallelLayout
+from tests.distributed import Cases
+
+CASES = Cases()
+CONFIG = "examples/configs/tiny_cpu.yaml"
+SHORT = ["train.steps=4", "train.warmup_steps=1", "train.eval_interval=0",
+         "train.global_batch_size=8", "train.micro_batch_size=2", "model.seq_length=64",
+         "model.activation=swiglu", "train.lr=1e-3"]
+LAYOUTS = {"single": (1, 1, 1), "ep2": (1, 1, 2), "pp2": (1, 2, 1), "tp2": (2, 1, 1)}
+
+
+def _base() -> Path:
+    return Path(os.environ["MOUE_GPU_PATH_DIR"])
+
+
+def run(tag: str, layout_name: str, *overrides: str, save_at: int | None = None,
+        resume_from: str | None = None) -> dict:
+    """Train under ``layout_name`` with ``overrides``; step -> [loss, grad norm]."""
+    start = time.perf_counter()
+    base = _base()
+    tp, pp, ep = LAYOUTS[layout_name]
+    world = torch.distributed.get_world_size()
+    ckpt = base / tag / "ckpt"
+    if resume_from is not None and torch.distributed.get_rank() == 0:
+        source = base / resume_from / "ckpt"
+        name = (source / "latest").read_text().strip()
+        shutil.copytree(source / name, ckpt / name, dirs_exist_ok=True)
+        (ckpt / "latest").write_text(name + "\n")
+    torch.distributed.barrier()
+    cfg = load_config(CONFIG, [*SHORT, f"parallel.tp={tp}", f"parallel.pp={pp}",
+                               f"parallel.ep={ep}", f"logging.dir={base / tag}",
+                               f"checkpoint.dir={ckpt}", *overrides])
+    layout = ParallelLayout(world_size=world, tp=tp, pp=pp, ep=ep)
+    init_model_parallel(layout)
+    original = training.Trainer.train_step
+
+    def step(trainer):
+        metrics = original(trainer)
+        if save_at is not None and trainer.state.step == save_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    training.Trainer.train_step = step
+    try:
+        trainer = training.train(cfg, layout, resolve_device("auto"))
+    finally:
+        training.Trainer.train_step = original
+    torch.distributed.barrier()
+    rows = [json.loads(x) for x in (base / tag / "metrics.jsonl").read_text().splitlines()]
+    return {"steps": {r["step"]: [r["loss"], r["grad_norm"]] for r in rows if "loss" in r},
+            "plan": trainer.plan.describe(), "seconds": time.perf_counter() - start}
+
+
+SEQ = "moe.expert_impl=sequential"
+GROUPED = "moe.expert_impl=grouped"
+
+# The pools train alike; a checkpoint of either resumes in the other, under another layout too.
+CASES.add("sequential[ep2]", partial(run, "seq_ep2", "ep2", SEQ), nproc=2)
+CASES.add("grouped[tp2]", partial(run, "grouped_tp2", "tp2", GROUPED), nproc=2)
+CASES.add("save_sequential[ep2]", partial(run, "save_seq", "ep2", SEQ, save_at=2), nproc=2)
+CASES.add("save_grouped[ep2]", partial(run, "save_grouped", "ep2", GROUPED, save_at=2), nproc=2)
+CASES.add("sequential_to_grouped[ep2]",
+          partial(run, "seq_to_grouped", "ep2", GROUPED, resume_from="save_seq"), nproc=2)
+CASES.add("grouped_to_sequential[single]",
+          partial(run, "grouped_to_seq", "single", SEQ, resume_from="save_grouped"), nproc=1)
+
+# Recompute: the same numbers as keeping the activations (the trajectory state threads through
+# full recompute; co-activation draws alike in the no-grad pass and the recomputed one).
+# Dense layers between the MoE layers and a shared expert, so "mlp" and "shared_experts" apply.
+ELASTIC = ("elastic.enabled=true", "elastic.coactivation_prob=0.5", "elastic.sharpen_coeff=0.01",
+           "model.moe_layer_freq=2", "moe.shared_experts=1")
+CASES.add("no_recompute[pp2]", partial(run, "norecompute_pp2", "pp2", *ELASTIC), nproc=2)
+CASES.add("full_recompute[pp2]",
+          partial(run, "full_pp2", "pp2", "train.recompute=full", *ELASTIC), nproc=2)
+CASES.add("selective_recompute[pp2]",
+          partial(run, "selective_pp2", "pp2", "train.recompute=selective",
+                  "train.recompute_modules=[core_attn,mlp,shared_experts]", *ELASTIC), nproc=2)
+
+# Precision: a bf16 run's checkpoint resumes in fp32.
+CASES.add("save_bf16[ep2]", partial(run, "save_bf16", "ep2", "train.precision=bf16", save_at=2),
+          nproc=2)
+CASES.add("bf16_to_fp32[ep2]", partial(run, "bf16_to_fp32", "ep2", "train.precision=fp32",
+                                       resume_from="save_bf16"), nproc=2)
