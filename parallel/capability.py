@@ -36,6 +36,9 @@ class Capabilities:
     compute_capability: tuple[int, int] | None = None
     te_version: str | None = None  # None: Transformer Engine is not importable
     device_name: str | None = None
+    # apex's fused_weight_gradient_mlp_cuda: Megatron's own linears (the output layer) need it
+    # for gradient-accumulation fusion; the NGC PyTorch images bring it.
+    wgrad_fusion: bool = False
 
     @classmethod
     def detect(cls) -> Capabilities:
@@ -43,13 +46,15 @@ class Capabilities:
         return cls(cuda=cuda,
                    compute_capability=tuple(torch.cuda.get_device_capability()) if cuda else None,
                    te_version=_te_version(),
-                   device_name=torch.cuda.get_device_name() if cuda else None)
+                   device_name=torch.cuda.get_device_name() if cuda else None,
+                   wgrad_fusion=cuda and importlib.util.find_spec(
+                       "fused_weight_gradient_mlp_cuda") is not None)
 
     @classmethod
     def reference_gpu(cls) -> Capabilities:
         """An H100 (Hopper, 9.0) with Transformer Engine: what the dry run plans for a GPU."""
         return cls(cuda=True, compute_capability=(9, 0), te_version="2.11",
-                   device_name="H100 with Transformer Engine (reference)")
+                   device_name="H100 with Transformer Engine (reference)", wgrad_fusion=True)
 
     @property
     def transformer_engine(self) -> bool:
@@ -84,7 +89,8 @@ class Plan:
     grouped_gemm: str | None  # transformer_engine | torch: the grouped pool's GEMM
     precision: str  # fp32 | bf16 | fp8 (fp8: bf16 weights, FP8 GEMMs)
     fp8_recipe: str | None
-    fusions: bool  # Megatron's kernel fusions (Transformer Engine's and apex-free ones)
+    fusions: bool  # Megatron's kernel fusions: bias-dropout-add, masked softmax, RoPE, SwiGLU
+    grad_accum_fusion: bool  # weight gradients accumulated into main_grad in the GEMM
 
     def describe(self) -> dict:
         return asdict(self)
@@ -126,4 +132,4 @@ def plan(caps: Capabilities, *, transformer_impl: str, expert_impl: str, precisi
                 else None,
                 precision=("bf16" if caps.cuda else "fp32") if precision == "auto" else precision,
                 fp8_recipe=fp8_recipe if precision == "fp8" else None,
-                fusions=te)
+                fusions=te, grad_accum_fusion=te and caps.wgrad_fusion)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
@@ -44,6 +45,7 @@ class TinyGPT:
     global_batch_size: int = 4
     dispatcher: str = "alltoall"
     aux_loss_coeff: float = 1e-2
+    swiglu: bool = False
 
 
 def transformer_config(shape: TinyGPT, layout: ParallelLayout) -> TransformerConfig:
@@ -60,6 +62,8 @@ def transformer_config(shape: TinyGPT, layout: ParallelLayout) -> TransformerCon
         bias_dropout_fusion=False, masked_softmax_fusion=False, bias_activation_fusion=False,
         gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
         use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        gated_linear_unit=shape.swiglu,
+        activation_func=torch.nn.functional.silu if shape.swiglu else torch.nn.functional.gelu,
     )
 
 
@@ -73,19 +77,26 @@ def fill_by_global_key(model: torch.nn.Module, seed: int, aliases: dict | None =
     count = 0
     params = {p.data_ptr() for p in model.parameters()}
     with torch.no_grad():
-        for sh in model.sharded_state_dict().values():
-            data = getattr(sh, "data", None)
+        for entry in model.sharded_state_dict().values():
+            data = getattr(entry, "data", None)
             if not torch.is_tensor(data) or data.data_ptr() not in params:
                 continue
-            key, shape = (aliases or {}).get(sh.key, (sh.key, sh.global_shape))
-            g = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
-            full = torch.randn(shape, generator=g).reshape(sh.global_shape)
-            full = 1.0 + 0.1 * full if len(sh.global_shape) - sh.prepend_axis_num == 1 else 0.05 * full
-            local_shape = (1,) * sh.prepend_axis_num + tuple(sh.data.shape)
-            index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset, local_shape, strict=True))
-            sh.data.copy_(full[index].reshape(sh.data.shape))
+            # A factory (SwiGLU's fc1) builds its halves as views of the parameter.
+            for sh in entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]:
+                _fill(sh, seed, aliases)
             count += 1
     return count
+
+
+def _fill(sh, seed: int, aliases: dict | None) -> None:
+    """This rank's slice of the full tensor drawn for the key of the sharded tensor ``sh``."""
+    key, shape = (aliases or {}).get(sh.key, (sh.key, sh.global_shape))
+    g = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
+    full = torch.randn(shape, generator=g).reshape(sh.global_shape)
+    full = 1.0 + 0.1 * full if len(sh.global_shape) - sh.prepend_axis_num == 1 else 0.05 * full
+    local_shape = (1,) * sh.prepend_axis_num + tuple(sh.data.shape)
+    index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset, local_shape, strict=True))
+    sh.data.copy_(full[index].reshape(sh.data.shape))
 
 
 def batch(data: Data, step: int) -> torch.Tensor:

@@ -52,6 +52,12 @@ def test_auto_picks_transformer_engine_where_it_runs(caps, spec, pool, grouped, 
             plan.fusions) == (spec, pool, grouped, precision, fusions)
 
 
+def test_gradient_accumulation_fusion_needs_the_apex_extension():
+    assert not _plan(HOPPER).grad_accum_fusion  # Megatron's output layer would refuse to build
+    ngc = Capabilities(cuda=True, compute_capability=(9, 0), te_version="2.11", wgrad_fusion=True)
+    assert _plan(ngc).grad_accum_fusion and _plan(ngc).fusions
+
+
 def test_explicit_choices_are_kept():
     plan = _plan(HOPPER, "model.transformer_impl=local", "moe.expert_impl=grouped",
                  "train.precision=fp32")

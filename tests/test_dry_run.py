@@ -96,11 +96,11 @@ def test_reports_the_implementation_here_and_on_a_gpu_with_transformer_engine(ca
     out = _dry_run(capsys, *ISSUE_EXAMPLE, "model.activation=swiglu")["implementation"]
     assert out["this_machine"] == {"transformer_impl": "local", "expert_impl": "sequential",
                                    "grouped_gemm": None, "precision": "fp32", "fp8_recipe": None,
-                                   "fusions": False}
+                                   "fusions": False, "grad_accum_fusion": False}
     assert out["gpu_with_transformer_engine"] == {
         "transformer_impl": "transformer_engine", "expert_impl": "grouped",
         "grouped_gemm": "transformer_engine", "precision": "bf16", "fp8_recipe": None,
-        "fusions": True}
+        "fusions": True, "grad_accum_fusion": True}
 
 
 def test_fp8_is_refused_here_and_planned_on_a_gpu(capsys):

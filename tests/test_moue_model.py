@@ -41,10 +41,11 @@ def test_pool_replicas_stay_bit_identical_across_stages():
         assert run["replicas_identical"] is True
 
 
-@pytest.mark.parametrize("layout,nproc", [("single", 1), ("ep2", 2)])
+@pytest.mark.parametrize("layout,nproc", [("single", 1), ("ep2", 2), ("swiglu_ep2", 2)])
 def test_standard_topology_is_megatron_moe(layout, nproc):
     """Same weights: the standard topology's logits and gradients are Megatron-Core's MoE's
-    (N=4 experts per layer vs a pool of 16; per_layer balance x L vs Megatron's aux loss)."""
+    (N=4 experts per layer vs a pool of 16; per_layer balance x L vs Megatron's aux loss), with
+    GELU and with SwiGLU experts."""
     for run in launch(CASES, nproc)[f"standard_vs_megatron[{layout}]"]:
         assert run["logits"] <= 1e-5 * run["logits_scale"], run
         assert run["dense_grads"] <= 1e-5 and run["dense_params_compared"] >= 20, run

@@ -6,10 +6,11 @@ Decisions made here (docs/configuration.md):
 - The router computes in fp32 (``moe_router_dtype="fp32"``) whatever the model precision.
 - The dense model (``model.moe_layer_freq=0``) sets none of the ``moe_*`` fields.
 - Biases off (``add_bias_linear=False``): Megatron's MoE biases need ETP=1 and break PP=2/EP=1.
-- Dropout 0. Kernel fusions (bias-activation, RoPE, masked softmax, gradient-accumulation
-  fusion) are on with Transformer Engine's layers (``Plan.fusions``: a GPU with Transformer
-  Engine, which brings the kernels) and off with Megatron-Core's local layers, which have no
-  kernels for them on CPUs or without Transformer Engine / apex.
+- Dropout 0. Kernel fusions (bias-activation, RoPE, masked softmax) are on with Transformer
+  Engine's layers (``Plan.fusions``: a GPU with Transformer Engine, which brings the kernels) and
+  off with Megatron-Core's local layers, which have no kernels for them on CPUs or without
+  Transformer Engine / apex. Gradient-accumulation fusion also needs apex's
+  ``fused_weight_gradient_mlp_cuda`` (Megatron's own output layer uses it): ``Plan.grad_accum_fusion``.
 - ``model.activation=swiglu`` is Megatron's gated linear unit with SiLU (``linear_fc1`` holds
   gate and up, gate first) for experts, shared experts and dense layers alike.
 - ``train.precision=fp8`` keeps bf16 weights and runs Transformer Engine's FP8 GEMMs with the
@@ -82,7 +83,8 @@ def _fusion_fields(plan: Plan, swiglu: bool) -> dict:
     # Megatron fuses the activation with a bias, or SwiGLU without one; moue has no biases.
     return dict(bias_dropout_fusion=on, masked_softmax_fusion=on,
                 bias_activation_fusion=on and swiglu,
-                gradient_accumulation_fusion=on, apply_rope_fusion=on, persist_layer_norm=False)
+                gradient_accumulation_fusion=plan.grad_accum_fusion, apply_rope_fusion=on,
+                persist_layer_norm=False)
 
 
 def transformer_config(model: ModelConfig, moe: MoEConfig, layout: ParallelLayout, plan: Plan, *,

@@ -309,8 +309,15 @@ def run(cfg: RunConfig) -> None:
     """``moue-pretrain``: check the run, start the process groups, build, train."""
     env = launch.read_launch_env()
     layout = check_run(cfg, env.world_size)
-    plan_run(cfg)  # what this machine cannot serve is refused before any process group exists
+    plan = plan_run(cfg)  # what this machine cannot serve is refused before any process group
     launch.init_distributed(layout, device="auto", env=env)
+    if env.rank == 0:
+        pool = (f", pool {plan.expert_impl}" + (f" ({plan.grouped_gemm} grouped GEMM)"
+                                                 if plan.grouped_gemm else "")
+                if plan.expert_impl != "none" else "")
+        recipe = f" ({plan.fp8_recipe})" if plan.fp8_recipe else ""
+        print(f"moue-pretrain: {plan.transformer_impl} layers{pool}, {plan.precision}{recipe}, "
+              f"fusions {'on' if plan.fusions else 'off'}", file=sys.stderr)
     if not cfg.model.dense and top1_post_softmax(cfg.moe) and env.rank == 0:
         print("moue-pretrain: note: moe.topk=1 with post-softmax scores gives every token a gate "
               "of 1, so the router learns only from the balance loss; set moe.pre_softmax=true "

@@ -98,20 +98,22 @@ def _expert_grads(experts_by_pool_id, ep_group):
     return out
 
 
-def _standard_vs_megatron(layout: str, world_size: int) -> dict:
+def _standard_vs_megatron(layout: str, world_size: int, swiglu: bool = False) -> dict:
     lay = layout_for(layout, world_size)
     init_model_parallel(lay)
     seed_everything(3)
-    shape = TinyGPT(num_experts=N, topk=2, ffn_hidden_size=64, aux_loss_coeff=0.01)
+    shape = TinyGPT(num_experts=N, topk=2, ffn_hidden_size=64, aux_loss_coeff=0.01, swiglu=swiglu)
+    fc1 = 128 if swiglu else 64  # SwiGLU's fc1 holds gate and up
     meg = megatron_builder(shape)(lay, 3)
     fill_by_global_key(meg.model, 3)
     # per_layer balance, scaled by L, is Megatron's per-layer aux loss summed over layers.
     cfg = tiny("moe.topology=standard", f"moe.num_experts={L * N}", "moe.expert_ffn_hidden_size=64",
-               "moe.router_state_dim=0", "moe.balance=per_layer", f"moe.balance_coeff={0.01 * L}")
+               "moe.router_state_dim=0", "moe.balance=per_layer", f"moe.balance_coeff={0.01 * L}",
+               f"model.activation={'swiglu' if swiglu else 'gelu'}")
     ours = moue_builder(cfg)(lay, 3)
     aliases = {f"decoder.expert_pool.experts.{n}.weight":
                (f"decoder.layers.mlp.experts.experts.{n}.weight", (L, N, *s))
-               for n, s in (("linear_fc1", (64, 32)), ("linear_fc2", (32, 64)))}
+               for n, s in (("linear_fc1", (fc1, 32)), ("linear_fc2", (32, 64)))}
     fill_by_global_key(ours.model, 3, aliases)
     meg_logits, our_logits = _one_step(meg.model, meg.data), _one_step(ours.model, ours.data)
 
@@ -138,6 +140,8 @@ def _standard_vs_megatron(layout: str, world_size: int) -> dict:
 
 CASES.add("standard_vs_megatron[single]", partial(_standard_vs_megatron, "single", 1), nproc=1)
 CASES.add("standard_vs_megatron[ep2]", partial(_standard_vs_megatron, "ep2", 2), nproc=2)
+CASES.add("standard_vs_megatron[swiglu_ep2]", partial(_standard_vs_megatron, "ep2", 2, True),
+          nproc=2)
 
 
 # --- The shared pool and the trajectory state -------------------------------------------------
