@@ -34,18 +34,16 @@ def init_by_global_key(model: torch.nn.Module, seed: int, std: float, num_layers
     """Initialise every parameter of ``model`` from its global key; returns how many."""
     params = {p.data_ptr(): p for p in model.parameters()}
     done = set()
-    for sh in _expanded(model.sharded_state_dict().values()):
-        data = getattr(sh, "data", None)
-        if not torch.is_tensor(data) or data.data_ptr() not in params:
+    for sh, param in _expanded(model.sharded_state_dict().values()):
+        if not torch.is_tensor(param) or param.data_ptr() not in params:
             continue
-        target = getattr(sh, "view", data)  # a factory's part writes into a view of the param
         stacked = sh.prepend_axis_num
         shape = tuple(sh.global_shape[stacked:])
         own = [slice(o, o + n)
-               for o, n in zip(sh.global_offset[stacked:], target.shape, strict=True)]
+               for o, n in zip(sh.global_offset[stacked:], sh.data.shape, strict=True)]
         value = _draw(sh.key, shape, seed, tuple(sh.global_offset[:stacked]), std, num_layers)
-        target.copy_(value[tuple(own)].to(data.dtype))
-        done.add(data.data_ptr())
+        sh.data.copy_(value[tuple(own)].to(sh.data.dtype))
+        done.add(param.data_ptr())
     missing = [n for n, p in model.named_parameters() if p.data_ptr() not in done]
     if missing:
         raise RuntimeError(f"no global key for parameters {missing}; they would keep Megatron's "
@@ -54,24 +52,15 @@ def init_by_global_key(model: torch.nn.Module, seed: int, std: float, num_layers
 
 
 def _expanded(entries):
-    """Sharded tensors, with factories (SwiGLU's fc1: gate and up, each sharded on its own)
-    built into the views of the parameter they write; the parameter counts as done."""
+    """(sharded tensor, the parameter it writes) pairs. A factory (SwiGLU's fc1: gate and up,
+    each sharded on its own) is built into sharded tensors over views of its parameter."""
     for sh in entries:
         if isinstance(sh, ShardedTensorFactory):
             parts = sh.build()
-            parts = parts.values() if isinstance(parts, dict) else parts
-            for part in parts:
-                yield _PartOf(part, sh.data)
+            for part in parts.values() if isinstance(parts, dict) else parts:
+                yield part, sh.data
         else:
-            yield sh
-
-
-class _PartOf:
-    """A factory's sharded tensor that writes into a view of ``param``."""
-
-    def __init__(self, sh, param):
-        self.__dict__.update(vars(sh))
-        self.view, self.data = sh.data, param
+            yield sh, getattr(sh, "data", None)
 
 
 def _draw(key, shape, seed, index, std, num_layers) -> torch.Tensor:
