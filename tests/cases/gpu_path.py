@@ -10,17 +10,16 @@ with ``resume_from`` it starts from the checkpoint another case wrote, under its
 import json
 import os
 import shutil
-import signal
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
-import moue.training.trainer as training
 from moue.config import load_config
 from parallel.launch import init_model_parallel, resolve_device
 from parallel.layout import ParallelLayout
+from tests.cases.reshard import train_stopping_after
 from tests.distributed import Cases
 
 CASES = Cases()
@@ -54,19 +53,7 @@ def run(tag: str, layout_name: str, *overrides: str, save_at: int | None = None,
                                f"checkpoint.dir={ckpt}", *overrides])
     layout = ParallelLayout(world_size=world, tp=tp, pp=pp, ep=ep)
     init_model_parallel(layout)
-    original = training.Trainer.train_step
-
-    def step(trainer):
-        metrics = original(trainer)
-        if save_at is not None and trainer.state.step == save_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return metrics
-
-    training.Trainer.train_step = step
-    try:
-        trainer = training.train(cfg, layout, resolve_device("auto"))
-    finally:
-        training.Trainer.train_step = original
+    trainer = train_stopping_after(cfg, layout, resolve_device("auto"), save_at)
     torch.distributed.barrier()
     rows = [json.loads(x) for x in (base / tag / "metrics.jsonl").read_text().splitlines()]
     return {"steps": {r["step"]: [r["loss"], r["grad_norm"]] for r in rows if "loss" in r},

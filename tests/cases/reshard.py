@@ -21,16 +21,9 @@ SHORT = ["train.steps=4", "train.warmup_steps=1", "train.eval_interval=0",
 LAYOUTS = {"pp2": (1, 2, 1), "ep2": (1, 1, 2), "single": (1, 1, 1)}
 
 
-def _run(layout_name: str, tag: str, stop_after: int | None) -> dict:
-    """Train (resuming from the shared checkpoint when there is one); steps -> losses."""
-    base = Path(os.environ["MOUE_RESHARD_DIR"])
-    tp, pp, ep = LAYOUTS[layout_name]
-    world = torch.distributed.get_world_size()
-    cfg = load_config(CONFIG, [*SHORT, f"parallel.tp={tp}", f"parallel.pp={pp}",
-                               f"parallel.ep={ep}", f"logging.dir={base / tag}",
-                               f"checkpoint.dir={base / tag / 'ckpt'}"])
-    layout = ParallelLayout(world_size=world, tp=tp, pp=pp, ep=ep)
-    init_model_parallel(layout)
+def train_stopping_after(cfg, layout, device, stop_after: int | None):
+    """``moue.training.trainer.train``, sent SIGTERM after step ``stop_after`` (None: never) as
+    a scheduler would stop it: the run saves a checkpoint and stops. Returns the Trainer."""
     original = training.Trainer.train_step
 
     def step(trainer):
@@ -41,9 +34,22 @@ def _run(layout_name: str, tag: str, stop_after: int | None) -> dict:
 
     training.Trainer.train_step = step
     try:
-        training.train(cfg, layout, torch.device("cpu"))
+        return training.train(cfg, layout, device)
     finally:
         training.Trainer.train_step = original
+
+
+def _run(layout_name: str, tag: str, stop_after: int | None) -> dict:
+    """Train (resuming from the shared checkpoint when there is one); steps -> losses."""
+    base = Path(os.environ["MOUE_RESHARD_DIR"])
+    tp, pp, ep = LAYOUTS[layout_name]
+    world = torch.distributed.get_world_size()
+    cfg = load_config(CONFIG, [*SHORT, f"parallel.tp={tp}", f"parallel.pp={pp}",
+                               f"parallel.ep={ep}", f"logging.dir={base / tag}",
+                               f"checkpoint.dir={base / tag / 'ckpt'}"])
+    layout = ParallelLayout(world_size=world, tp=tp, pp=pp, ep=ep)
+    init_model_parallel(layout)
+    train_stopping_after(cfg, layout, torch.device("cpu"), stop_after)
     torch.distributed.barrier()
     rows = [json.loads(x) for x in (base / tag / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
