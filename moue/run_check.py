@@ -28,13 +28,12 @@ def plan_run(cfg: RunConfig, caps: Capabilities | None = None) -> Plan:
                         "(Megatron-Core's norm recompute calls into Transformer Engine); leave it "
                         "out, or run where model.transformer_impl resolves to transformer_engine")
     if result.grouped_gemm == "torch":  # torch._grouped_mm wants rows aligned to 16 bytes
+        # (SwiGLU's gate and up, twice the expert FFN, are aligned when the FFN is.)
         align = 16 // (2 if result.precision == "bf16" else 4)
-        ffn = moe.expert_ffn_hidden_size * (2 if m.activation == "swiglu" else 1)
         p = cfg.parallel
         etp = ParallelLayout.default_etp(p.tp, p.ep) if p.etp is None else p.etp
         for name, value, split in (("model.hidden_size", m.hidden_size, 1),
-                                   ("moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size, etp),
-                                   ("moe.expert_ffn_hidden_size (gate and up)", ffn, etp)):
+                                   ("moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size, etp)):
             if (value // split) % align:
                 raise UserError(f"{name}={value}: torch's grouped GEMM (moe.expert_impl=grouped "
                                 f"without Transformer Engine) needs it, per expert-tensor-parallel "

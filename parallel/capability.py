@@ -16,6 +16,7 @@ so its history would mix the layers' activations: moue refuses it for models wit
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import asdict, dataclass
 
@@ -41,6 +42,7 @@ class Capabilities:
     wgrad_fusion: bool = False
 
     @classmethod
+    @functools.cache  # the machine does not change while a process runs
     def detect(cls) -> Capabilities:
         cuda = torch.cuda.is_available()
         return cls(cuda=cuda,

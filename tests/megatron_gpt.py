@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moue.config import TrainConfig
+from moue.model.init import sharded_parameters
 from moue.model.layer_specs import gpt_block_spec
 from moue.training.engine import build_engine
 from parallel.launch import init_model_parallel, seed_everything
@@ -77,14 +77,10 @@ def fill_by_global_key(model: torch.nn.Module, seed: int, aliases: dict | None =
     count = 0
     params = {p.data_ptr() for p in model.parameters()}
     with torch.no_grad():
-        for entry in model.sharded_state_dict().values():
-            data = getattr(entry, "data", None)
-            if not torch.is_tensor(data) or data.data_ptr() not in params:
-                continue
-            # A factory (SwiGLU's fc1) builds its halves as views of the parameter.
-            for sh in entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]:
+        for sh, param in sharded_parameters(model.sharded_state_dict().values()):
+            if torch.is_tensor(param) and param.data_ptr() in params:
                 _fill(sh, seed, aliases)
-            count += 1
+                count += 1
     return count
 
 

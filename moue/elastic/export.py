@@ -150,7 +150,7 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
         raise UserError(f"the exported sub-model ({sub.label}): {err}") from None
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    single = load_config(None, [*SINGLE, f"checkpoint.dir={tmp}"], base=tree)  # as cfg runs
+    single = load_config(None, [*SINGLE, f"checkpoint.dir={tmp}"], base=tree)
     layout = check_run(single, 1)
     launch.init_distributed(layout, device="cpu", env=env)
     try:

@@ -27,7 +27,7 @@ EXTRA_STATE = "_extra_state"
 class TorchGroupedLinear(torch.nn.Module):
     """``num_gemms`` linears applied to consecutive groups of rows in one grouped GEMM."""
 
-    parallel_mode = "column"  # the subclass below is row-parallel
+    tp_axis = 0  # column-parallel: output rows split over the expert-TP ranks (row: 1, inputs)
 
     def __init__(self, num_gemms: int, input_size: int, output_size: int, *, config, init_method,
                  bias: bool, skip_bias_add: bool, is_expert: bool, pg_collection,
@@ -39,7 +39,7 @@ class TorchGroupedLinear(torch.nn.Module):
         self.ep_group, self.tp_group = pg_collection.ep, pg_collection.expt_tp
         self.dp_cp_group = pg_collection.expt_dp
         tp = self.tp_group.size()
-        if self.parallel_mode == "column":
+        if self.tp_axis == 0:
             output_size //= tp
         else:
             input_size //= tp
@@ -51,8 +51,8 @@ class TorchGroupedLinear(torch.nn.Module):
             # expert-data-parallel ranks by Megatron DDP, not over all data-parallel ranks.
             weight.allreduce = not (is_expert and config.expert_model_parallel_size > 1)
             # Split over the expert-tensor-parallel ranks: the grad norm sums every shard.
-            set_tensor_model_parallel_attributes(
-                weight, is_parallel=True, dim={"column": 0, "row": 1}[self.parallel_mode], stride=1)
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=self.tp_axis,
+                                                 stride=1)
             setattr(self, f"weight{i}", weight)
 
     def forward(self, x: torch.Tensor, m_splits: list[int]):
@@ -65,14 +65,13 @@ class TorchGroupedLinear(torch.nn.Module):
         ``<prefix>_extra_state``, expert axis in Megatron order: the entries TE's GroupedLinear
         and Megatron's per-expert linears write, so checkpoints move between the pools."""
         ep_rank, ep = self.ep_group.rank(), self.ep_group.size()
-        tp_axis = {"column": 0, "row": 1}[self.parallel_mode]
         out = {}
         for i in range(self.num_gemms):
             offsets = (*sharded_offsets,
                        (len(sharded_offsets), ep_rank * self.num_gemms + i, ep * self.num_gemms))
             state = make_sharded_tensors_for_checkpoint(
-                {"weight": getattr(self, f"weight{i}"), "_extra_state": None}, prefix,
-                {"weight": tp_axis}, offsets, tp_group=self.tp_group,
+                {"weight": getattr(self, f"weight{i}"), EXTRA_STATE: None}, prefix,
+                {"weight": self.tp_axis}, offsets, tp_group=self.tp_group,
                 dp_cp_group=self.dp_cp_group)
             out[f"{prefix}weight{i}"] = state[f"{prefix}weight"]
             out[f"{prefix}{EXTRA_STATE}{i}"] = state[f"{prefix}{EXTRA_STATE}"]
@@ -85,4 +84,4 @@ class TorchGroupedLinear(torch.nn.Module):
 
 
 class TorchRowParallelGroupedLinear(TorchGroupedLinear):
-    parallel_mode = "row"
+    tp_axis = 1

@@ -34,7 +34,7 @@ def init_by_global_key(model: torch.nn.Module, seed: int, std: float, num_layers
     """Initialise every parameter of ``model`` from its global key; returns how many."""
     params = {p.data_ptr(): p for p in model.parameters()}
     done = set()
-    for sh, param in _expanded(model.sharded_state_dict().values()):
+    for sh, param in sharded_parameters(model.sharded_state_dict().values()):
         if not torch.is_tensor(param) or param.data_ptr() not in params:
             continue
         stacked = sh.prepend_axis_num
@@ -51,7 +51,7 @@ def init_by_global_key(model: torch.nn.Module, seed: int, std: float, num_layers
     return len(done)
 
 
-def _expanded(entries):
+def sharded_parameters(entries):
     """(sharded tensor, the parameter it writes) pairs. A factory (SwiGLU's fc1: gate and up,
     each sharded on its own) is built into sharded tensors over views of its parameter."""
     for sh in entries:

@@ -4,8 +4,9 @@
 With Transformer Engine (``get_gpt_layer_with_transformer_engine_spec``) attention is TE's fused
 attention and the norms are fused into the next linear (``linear_qkv.layer_norm_weight``);
 Megatron's local spec keys its norms the same way in checkpoints, so a config gets the same
-initial weights on either spec (``moue.model.init`` draws each weight from its key). The grouped pool takes TE's grouped linears from the TE spec, and
-``moue.model.grouped_linear`` (torch's grouped GEMM) with the local spec.
+initial weights on either spec (``moue.model.init`` draws each weight from its key). The grouped
+pool takes TE's grouped linears from the TE spec, and ``moue.model.grouped_linear`` (torch's
+grouped GEMM) with the local spec.
 
 Megatron-Core's local spec normalises with ``WrappedTorchNorm``, which refuses sequence
 parallelism (``assert not config.sequence_parallel``, megatron/core/transformer/torch_norm.py) -
@@ -97,9 +98,9 @@ def torch_grouped_experts_spec() -> ModuleSpec:
 
 def gpt_block_spec(config: TransformerConfig, num_experts: int | None,
                    te: bool = False) -> TransformerBlockSubmodules:
-    """Megatron-Core's GPT layer spec for every layer (the dense model, or Megatron's own MoE);
-    the local spec with sequence-parallel-safe norms. Returned as block submodules (for this
-    pipeline stage's layers) so the final norm is sequence-parallel-safe too."""
+    """Megatron-Core's GPT layer spec (TE, or local with sequence-parallel-safe norms) for every
+    layer (the dense model, or Megatron's own MoE). Returned as block submodules (for this
+    pipeline stage's layers) so the final norm matches the spec."""
     layer = _layer_spec(config, num_experts, te)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
                                       layer_norm=_final_norm(te))

@@ -88,7 +88,7 @@ def _fusion_fields(plan: Plan, swiglu: bool) -> dict:
 
 
 def transformer_config(model: ModelConfig, moe: MoEConfig, layout: ParallelLayout, plan: Plan, *,
-                       device: torch.device, train: TrainConfig | None = None) -> TransformerConfig:
+                       device: torch.device, train: TrainConfig) -> TransformerConfig:
     """Megatron's config for ``plan`` (``parallel.capability.plan``) on ``device``."""
     on_gpu = device.type == "cuda"
     swiglu = model.activation == "swiglu"
@@ -103,7 +103,7 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, layout: ParallelLayou
         sequence_parallel=layout.sequence_parallel,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         **_fusion_fields(plan, swiglu), **_precision_fields(plan),
-        **_recompute_fields(train or TrainConfig()),
+        **_recompute_fields(train),
         use_cpu_initialization=not on_gpu,
     )
     config.has_cond_embedder = layout.pp > 1  # sum pool/U gradients over pipeline stages

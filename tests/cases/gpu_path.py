@@ -10,7 +10,6 @@ with ``resume_from`` it starts from the checkpoint another case wrote, under its
 import json
 import os
 import shutil
-import time
 from functools import partial
 from pathlib import Path
 
@@ -37,7 +36,6 @@ def _base() -> Path:
 def run(tag: str, layout_name: str, *overrides: str, save_at: int | None = None,
         resume_from: str | None = None) -> dict:
     """Train under ``layout_name`` with ``overrides``; step -> [loss, grad norm]."""
-    start = time.perf_counter()
     base = _base()
     tp, pp, ep = LAYOUTS[layout_name]
     world = torch.distributed.get_world_size()
@@ -57,7 +55,7 @@ def run(tag: str, layout_name: str, *overrides: str, save_at: int | None = None,
     torch.distributed.barrier()
     rows = [json.loads(x) for x in (base / tag / "metrics.jsonl").read_text().splitlines()]
     return {"steps": {r["step"]: [r["loss"], r["grad_norm"]] for r in rows if "loss" in r},
-            "plan": trainer.plan.describe(), "seconds": time.perf_counter() - start}
+            "plan": trainer.plan.describe()}
 
 
 SEQ = "moe.expert_impl=sequential"
