@@ -9,7 +9,13 @@ TORCH ?= torch==2.13.0
 COMPAT_VENV ?= .venv-mc019
 COMPAT_MCORE ?= megatron-core>=0.19,<0.20
 
-.PHONY: install test test-compat test-gpu lint demo clean
+# Extras of `make install`; the container images pass their own to docker/install.sh.
+EXTRAS ?= dev,mpi
+# make image / image-cpu: the first container engine found, and the image name.
+ENGINE ?= $(shell command -v docker || command -v podman)
+IMAGE ?= moue
+
+.PHONY: install test test-compat test-gpu lint demo clean image image-cpu
 
 DEMO ?= runs/demo
 DEMO_ARGS ?=
@@ -17,11 +23,10 @@ CPU_RUN := CUDA_VISIBLE_DEVICES= TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS=1
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install -e ".[dev,mpi]"
-	touch $@
+# The one install path (docker/install.sh), which CI and both container images run too: the
+# venv, torch only where none imports, then the project with the installed torch pinned.
+$(VENV)/.installed: pyproject.toml docker/install.sh
+	PYTHON=$(PYTHON) TORCH="$(TORCH)" docker/install.sh --venv $(VENV) --extras "$(EXTRAS)"
 
 test: install
 	$(PY) -m pytest -q
@@ -59,7 +64,20 @@ demo: install
 
 lint: install
 	$(PY) -m ruff check moue parallel data_tools tests benchmarks
-	$(VENV)/bin/shellcheck -x examples/scripts/*.sh examples/scripts/*.sbatch .ci/run tests/stubs/*
+	$(VENV)/bin/shellcheck -x examples/scripts/*.sh examples/scripts/*.sbatch .ci/run tests/stubs/* docker/*.sh
+	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.cpu
 
-clean:
-	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache .ruff_cache
+# Container images (docs/containers.md): the GPU image on NGC PyTorch, and the CPU image.
+image:
+	@$(call need_engine,$@)
+	$(ENGINE) build -f docker/Dockerfile -t $(IMAGE):gpu .
+
+image-cpu:
+	@$(call need_engine,$@)
+	$(ENGINE) build -f docker/Dockerfile.cpu -t $(IMAGE):cpu .
+
+need_engine = test -n "$(ENGINE)" || { echo "make $(1): no container engine (docker or podman) \
+	on this machine. Build on one that has one, or pass ENGINE=/path/to/engine; \
+	docs/containers.md says how to build and run the images."; exit 1; }; \
+	$(ENGINE) info >/dev/null 2>&1 || { echo "make $(1): $(ENGINE) is installed but cannot \
+	reach its daemon (is it running, and may this user use it?); docs/containers.md"; exit 1; }

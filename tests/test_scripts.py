@@ -46,7 +46,8 @@ def test_scripts_are_shellcheck_clean():
         "shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install -e .[dev])")
-    scripts = [*SCRIPTS, ROOT / ".ci" / "run", *sorted((ROOT / "tests" / "stubs").iterdir())]
+    scripts = [*SCRIPTS, ROOT / ".ci" / "run", *sorted((ROOT / "tests" / "stubs").iterdir()),
+               *sorted((ROOT / "docker").glob("*.sh"))]
     proc = subprocess.run([shellcheck, "-x", *map(str, scripts)], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stdout
@@ -124,3 +125,30 @@ def test_slurm_script_passes_overrides_and_a_sigterm_stop_resumes_with_exit_zero
     again = _sbatch(tmp_path, byte_dataset, steps=stopped + 2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _steps(run_dir) == list(range(1, stopped + 3))  # resumed: each step once
+
+
+@pytest.mark.parametrize("image, runtime_args", [
+    ("registry.example.com/team/moue:gpu",
+     ["--container-image=registry.example.com/team/moue:gpu", "--container-workdir=/opt/moue"]),
+    ("/images/moue gpu.sif", ["apptainer exec --nv --bind", "--pwd /opt/moue /images/moue gpu.sif"]),
+])
+def test_container_slurm_script_starts_each_task_in_the_image_with_the_overrides(
+        tmp_path, image, runtime_args):
+    """pyxis (a registry image) or Apptainer (a .sif file): srun runs the image's Python in the
+    container with the mounts, and the overrides arrive word for word (a dry run: no training)."""
+    log, mounts = tmp_path / "stub.log", f"{tmp_path / 'my data'}:/data,{tmp_path / 'runs'}:/runs"
+    env = _clean_env(PATH=f"{ROOT / 'tests' / 'stubs'}:/usr/local/bin:/usr/bin:/bin",
+                     SLURM_NTASKS="1", SLURM_JOB_NODELIST="node01", PYTHON=sys.executable,
+                     IMAGE=image, MOUNTS=mounts, STUB_LOG=str(log))
+    proc = subprocess.run(["bash", "examples/scripts/train_slurm_container.sbatch",
+                           "examples/configs/tiny_cpu.yaml", "logging.dir=/runs/my run",
+                           "moe.window=4", "--dry-run"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 'logging.dir=/runs/my run' split in two would be refused ("run" is no key=value).
+    assert json.loads(proc.stdout)["window"] == 4
+    calls = log.read_text()
+    assert f"--container-mounts={mounts}" in calls or f"--bind {mounts}" in calls
+    for expected in runtime_args:
+        assert expected in calls, calls
+    assert (tmp_path / "my data").is_dir() and (tmp_path / "runs").is_dir()  # host mount points
