@@ -128,8 +128,8 @@ def test_slurm_script_passes_overrides_and_a_sigterm_stop_resumes_with_exit_zero
 
 
 @pytest.mark.parametrize("image, runtime_args", [
-    ("registry.example.com/team/moue:gpu",
-     ["--container-image=registry.example.com/team/moue:gpu", "--container-workdir=/opt/moue"]),
+    ("registry.example.com#team/moue:gpu",
+     ["--container-image=registry.example.com#team/moue:gpu", "--container-workdir=/opt/moue"]),
     ("/images/moue gpu.sif", ["apptainer exec --nv --bind", "--pwd /opt/moue /images/moue gpu.sif"]),
 ])
 def test_container_slurm_script_starts_each_task_in_the_image_with_the_overrides(
