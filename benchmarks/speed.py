@@ -85,7 +85,8 @@ def _megatron_moe_trainer():
                     config, per_layer, te=self.plan.transformer_impl == "transformer_engine"),
                 vocab_size=cfg.model.vocab_size, max_sequence_length=cfg.model.seq_length,
                 pre_process=pp.rank() == 0, post_process=pp.rank() == pp.size() - 1,
-                share_embeddings_and_output_weights=False, position_embedding_type="rope",
+                share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+                position_embedding_type="rope", rotary_base=cfg.model.rope_base,
                 pg_collection=self.pg)
 
     return MegatronMoETrainer

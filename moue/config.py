@@ -52,10 +52,20 @@ class ModelConfig(Section):
     normalization: str = "RMSNorm"
     activation: str = "gelu"  # gelu | swiglu (gated: linear_fc1 holds gate and up, gate first)
     transformer_impl: str = "auto"  # auto | local | transformer_engine (parallel.capability)
+    # What released checkpoints use (docs/configuration.md#architecture-options):
+    rope_base: float = 10000.0  # RoPE's base (theta)
+    norm_epsilon: float = 1e-5  # every norm's epsilon
+    qk_norm: bool = False  # a norm over each head's query and key (model.normalization)
+    qkv_bias: bool = False  # biases on the query/key/value projection
+    tie_embeddings: bool = False  # the output layer reuses the input embedding
 
     def _validate(self):
         positive("model", self, "num_layers", "hidden_size", "num_attention_heads",
                  "seq_length", "vocab_size", "ffn_hidden_size")
+        check(self.rope_base > 1, "model.rope_base", self.rope_base,
+              "must be > 1 (10000 in most models, 1000000 in Qwen3)")
+        check(0 < self.norm_epsilon < 1, "model.norm_epsilon", self.norm_epsilon,
+              "must lie in (0, 1), e.g. 1e-5 or 1e-6")
         check(self.moe_layer_freq >= 0, "model.moe_layer_freq", self.moe_layer_freq,
               "must be an integer >= 0 (0 builds the dense model, without MoE layers)")
         if self.num_query_groups is not None:
@@ -91,6 +101,7 @@ class MoEConfig(Section):
     window: int = 8  # w (rotational)
     stride: int = 4  # s (rotational)
     shared_experts: int = 0  # always-on experts, each of expert_ffn_hidden_size
+    shared_expert_gate: bool = False  # shared experts' output x sigmoid(x . g) (Qwen2-MoE)
     router_state_dim: int = 64  # d_r; 0 turns the trajectory state off
     score_function: str = "softmax"  # softmax | sigmoid
     pre_softmax: bool = False
@@ -119,6 +130,9 @@ class MoEConfig(Section):
               "must be an integer >= 0 (0: parallel.ep)")
         for n in ("balance_coeff", "aux_free_rate", "z_loss_coeff", "ep_balance_coeff"):
             check(getattr(self, n) >= 0, f"moe.{n}", getattr(self, n), "must be >= 0")
+        check(self.shared_experts > 0 or not self.shared_expert_gate, "moe.shared_expert_gate",
+              self.shared_expert_gate, "gates the shared experts: set moe.shared_experts > 0, "
+              "or leave the gate off")
         check((self.eligibility is not None) == (self.topology == "explicit"), "moe.eligibility",
               self.eligibility, "is set with moe.topology=explicit (one list of pool ids per MoE "
               "layer) and only then")

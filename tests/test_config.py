@@ -33,6 +33,11 @@ def test_override_values_are_parsed_as_yaml():
     ("moe.num_experts=12", None),  # rotational 8-wide windows fit a pool of 12: valid
     ("model.hidden_size=65", "model.hidden_size=65: must be a multiple of"),
     ("train.global_batch_size=10", "train.global_batch_size=10: must be a multiple of"),
+    ("model.rope_base=1", "model.rope_base=1.0: must be > 1"),
+    ("model.norm_epsilon=0", "model.norm_epsilon=0.0: must lie in (0, 1)"),
+    ("model.qk_norm=maybe", "model.qk_norm='maybe': must be true or false"),
+    ("moe.shared_expert_gate=true", "moe.shared_expert_gate=True: gates the shared experts: set "
+                                    "moe.shared_experts > 0"),
 ])
 def test_bad_values_name_the_field_and_the_fix(override, message):
     if message is None:

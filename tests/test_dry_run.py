@@ -78,6 +78,10 @@ def test_flops_per_token_counts_only_activated_experts(capsys):
     applied = out["params_active"] - parts["embedding"]
     attention = 6 * 4 * 128 * 64  # 6 * layers * seq * hidden (defaults: seq 128, hidden 64)
     assert out["train_flops_per_token"] == 6 * applied + attention
+    # Tied embeddings: one weight fewer (vocab x hidden), the same compute per token.
+    tied = _dry_run(capsys, *ISSUE_EXAMPLE, "model.tie_embeddings=true")
+    assert out["params_total"] - tied["params_total"] == 256 * 64
+    assert tied["train_flops_per_token"] == out["train_flops_per_token"]
 
 
 def test_elastic_runs_list_their_family_with_sizes(capsys):

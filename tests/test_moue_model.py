@@ -36,6 +36,26 @@ def test_layout_matches_one_process(layout, reference):
             assert max_rel(run[key], reference[key]) < RTOL, (layout, rank, key, run)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_released_architecture_options_train_alike_under_every_layout(layout):
+    """QK norm, QKV bias, tied embeddings, RoPE base, norm epsilon, SwiGLU, GQA, a gated shared
+    expert and softmax-before-top-k together: every layout equals one process."""
+    reference = launch(CASES, 1)["moue_options[single]"][0]
+    assert reference["losses"][0] != reference["losses"][-1]
+    for rank, run in enumerate(launch(CASES, 2)[f"moue_options[{layout}]"]):
+        for key in ("losses", "grad_norms", "balance_loss"):
+            assert max_rel(run[key], reference[key]) < RTOL, (layout, rank, key, run)
+
+
+def test_released_architecture_options_reach_the_modules():
+    run = launch(CASES, 1)["options_reach_the_modules"][0]
+    assert run["inv_freq_1"] == pytest.approx(1e6 ** (-2 / run["head_dim"]), rel=1e-6)
+    assert run["final_norm_eps"] == 1e-6
+    assert run["q_norm_size"] == run["head_dim"]  # one norm over each head's dimension
+    assert run["qkv_bias"] and run["output_weight_is_embedding"]
+    assert run["shared_gate"] == [1, run["hidden"]]
+
+
 def test_pool_replicas_stay_bit_identical_across_stages():
     for run in launch(CASES, 2)["moue_train[pp2]"]:
         assert run["replicas_identical"] is True
@@ -88,7 +108,8 @@ def test_aux_free_shared_expert_sigmoid_ep_balance_variant_matches_and_moves_the
 
 
 @pytest.mark.parametrize("name", ["rotational_state", "standard_no_state",
-                                  "dense_between_shared_gqa_layernorm", "dense_baseline"])
+                                  "dense_between_shared_gqa_layernorm", "dense_baseline",
+                                  "released_options", "released_options_layernorm_dense"])
 def test_dry_run_parameter_count_is_the_built_models(name):
     run = launch(CASES, 1)[f"param_count[{name}]"][0]
     assert run["dry_run"] == run["built"]

@@ -37,8 +37,9 @@ def build_model(model_cfg: ModelConfig, moe: MoEConfig, topology: Topology | Non
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     gpt = partial(GPTModel, config=config, vocab_size=model_cfg.vocab_size,
                   max_sequence_length=model_cfg.seq_length, pre_process=pp_rank == 0,
-                  post_process=pp_rank == pp_size - 1, share_embeddings_and_output_weights=False,
-                  position_embedding_type="rope", pg_collection=pg_collection)
+                  post_process=pp_rank == pp_size - 1, share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+                  position_embedding_type="rope", rotary_base=model_cfg.rope_base,
+                  pg_collection=pg_collection)
     if model_cfg.dense:
         return gpt(transformer_layer_spec=gpt_block_spec(config, None, te))
     embedding = (UniversalEmbedding(moe.num_experts, moe.router_state_dim, config.init_method,

@@ -6,6 +6,7 @@ Decisions made here (docs/configuration.md):
 - The router computes in fp32 (``moe_router_dtype="fp32"``) whatever the model precision.
 - The dense model (``model.moe_layer_freq=0``) sets none of the ``moe_*`` fields.
 - Biases off (``add_bias_linear=False``): Megatron's MoE biases need ETP=1 and break PP=2/EP=1.
+  ``model.qkv_bias`` adds them to the query/key/value projection alone (Qwen2's attention).
 - Dropout 0. Kernel fusions (bias-activation, RoPE, masked softmax) are on with Transformer
   Engine's layers (``Plan.fusions``: a GPU with Transformer Engine, which brings the kernels) and
   off with Megatron-Core's local layers, which have no kernels for them on CPUs or without
@@ -52,6 +53,7 @@ def _moe_fields(model: ModelConfig, moe: MoEConfig, plan: Plan) -> dict:
         moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
         moe_shared_expert_intermediate_size=(moe.shared_experts * moe.expert_ffn_hidden_size
                                              if moe.shared_experts else None),
+        moe_shared_expert_gate=moe.shared_expert_gate,
         moe_token_dispatcher_type=moe.dispatcher,
         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
         moe_z_loss_coeff=moe.z_loss_coeff or None,
@@ -96,6 +98,8 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, layout: ParallelLayou
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
         ffn_hidden_size=model.ffn_hidden_size, normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon, qk_layernorm=model.qk_norm,
+        add_qkv_bias=model.qkv_bias,
         **({} if model.dense else _moe_fields(model, moe, plan)),
         gated_linear_unit=swiglu, activation_func=F.silu if swiglu else F.gelu,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,

@@ -1,8 +1,9 @@
 """How big a model is and how much compute a token costs, from its config alone (no weights).
 
 Parameter counts follow the modules ``moue.model.builder`` builds (MLPs without biases, GELU or
-SwiGLU, RMSNorm/LayerNorm, untied embeddings, RoPE; the same on the local and the Transformer
-Engine specs, which fuse the norms into the next linear but keep their weights). ``active_params`` counts the parameters
+SwiGLU, RMSNorm/LayerNorm, RoPE, optional QKV biases, per-head QK norms, tied embeddings and a
+shared-expert gate; the same on the local and the Transformer Engine specs, which fuse the norms
+into the next linear but keep their weights). ``active_params`` counts the parameters
 applied to one token: everything except the pool, plus ``topk`` experts in each MoE layer (U and
 the routers count in full). In MoUE an expert reachable from several layers can be applied
 several times to the same token, so the active count can exceed the total: it measures compute
@@ -39,17 +40,22 @@ def param_counts(model: ModelConfig, moe: MoEConfig, topology: Topology | None,
     h, heads = model.hidden_size, model.num_attention_heads
     kv = h // heads
     groups = model.num_query_groups or heads
-    norm = h * (2 if model.normalization == "LayerNorm" else 1)
-    attention = h * (heads + 2 * groups) * kv + heads * kv * h + norm  # qkv, proj, input norm
+    per_weight = 2 if model.normalization == "LayerNorm" else 1  # LayerNorm: weight and bias
+    norm = h * per_weight
+    qkv = (heads + 2 * groups) * kv
+    attention = (h * qkv + heads * kv * h + norm  # qkv, proj, input norm
+                 + (qkv if model.qkv_bias else 0)
+                 + (2 * kv * per_weight if model.qk_norm else 0))  # one norm over q, one over k
     layers, n_moe, window, pool, _ = _dims(model, moe, topology, sub)
     return {
         "embedding": model.vocab_size * h,
-        "output_layer": model.vocab_size * h,
+        "output_layer": 0 if model.tie_embeddings else model.vocab_size * h,
         "attention": layers * attention,
         "dense_mlp": (layers - n_moe) * (mlp_params(model, model.ffn_hidden_size) + norm),
         "moe_norms": n_moe * norm,
         "routers": n_moe * window * h,
-        "shared_experts": n_moe * moe.shared_experts * expert_params(model, moe),
+        "shared_experts": n_moe * (moe.shared_experts * expert_params(model, moe)
+                                   + (h if moe.shared_expert_gate else 0)),
         "pool": pool * expert_params(model, moe),
         "universal_embedding": pool * moe.router_state_dim,
         "final_norm": norm,
@@ -79,11 +85,14 @@ def active_params(model: ModelConfig, moe: MoEConfig, parts: dict[str, int],
 def flops_per_token(model: ModelConfig, moe: MoEConfig, topology: Topology | None,
                     sub=None) -> float:
     """Training FLOPs per token (forward + backward): 6 x the non-embedding parameters applied
-    to a token (only activated experts: ``topk`` per MoE layer), plus causal attention,
+    to a token (only activated experts: ``topk`` per MoE layer; the output projection also when
+    it is tied to the embedding), plus causal attention,
     6 * L * s * h (QK^T and AV, 2 * 2 * s * h per layer forward, halved by the causal mask, x3).
     ``sub``: of that elastic sub-model."""
     parts = param_counts(model, moe, topology, sub)
     applied = active_params(model, moe, parts, topology, sub) - parts["embedding"]
+    if model.tie_embeddings:  # the output projection still runs, on the embedding's weights
+        applied += model.vocab_size * model.hidden_size
     layers = model.num_layers if sub is None else len(sub.layers)
     return 6.0 * applied + 6.0 * layers * model.seq_length * model.hidden_size
 

@@ -58,6 +58,37 @@ VARIANT = ("moe.balance=aux_free", "moe.aux_free_rate=0.05", "moe.shared_experts
            "moe.score_function=sigmoid", "moe.ep_balance_coeff=0.05", "moe.ep_balance_groups=2")
 
 
+# The architecture options of released checkpoints (Qwen2/Qwen3-MoE style), all on together.
+OPTIONS = ("model.qk_norm=true", "model.qkv_bias=true", "model.tie_embeddings=true",
+           "model.rope_base=1000000", "model.norm_epsilon=1e-6", "model.activation=swiglu",
+           "model.num_query_groups=2", "moe.shared_experts=1", "moe.shared_expert_gate=true",
+           "moe.pre_softmax=true")
+
+for _name in ("single", *LAYOUTS):
+    CASES.add(f"moue_options[{_name}]", partial(_train, _name, 1 if _name == "single" else 2,
+                                                *OPTIONS), nproc=1 if _name == "single" else 2)
+
+
+def _options_reach_the_modules() -> dict:
+    """Where each option lands in the built model (one process)."""
+    lay = layout_for("single", 1)
+    init_model_parallel(lay)
+    model = moue_builder(tiny(*OPTIONS))(lay, 1).model
+    attention = model.decoder.layers[0].self_attention
+    kv = model.config.hidden_size // model.config.num_attention_heads
+    return {"inv_freq_1": model.rotary_pos_emb.inv_freq[1].item(), "head_dim": kv,
+            "hidden": model.config.hidden_size,
+            "final_norm_eps": model.decoder.final_layernorm.eps,
+            "q_norm_size": attention.q_layernorm.weight.numel(),
+            "qkv_bias": attention.linear_qkv.bias is not None,
+            "output_weight_is_embedding": model.shared_embedding_or_output_weight()
+            is model.embedding.word_embeddings.weight and model.output_layer.weight is None,
+            "shared_gate": tuple(model.decoder.layers[0].mlp.shared_experts.gate_weight.shape)}
+
+
+CASES.add("options_reach_the_modules", _options_reach_the_modules, nproc=1)
+
+
 def _train_variant(layout: str, world_size: int) -> dict:
     run = train(moue_builder(tiny(*VARIANT)), layout_for(layout, world_size), lr=LR)
     bias = run["model"].module.decoder.pool_balance.bias_E
@@ -267,6 +298,9 @@ DRY_RUN_CONFIGS = {
                                     "moe.shared_experts=1"),
     "swiglu_grouped_pool": ("model.activation=swiglu", "moe.expert_impl=grouped"),
     "swiglu_dense_baseline": ("model.activation=swiglu", "model.moe_layer_freq=0"),
+    "released_options": OPTIONS,
+    "released_options_layernorm_dense": (*OPTIONS, "model.normalization=LayerNorm",
+                                         "model.moe_layer_freq=2"),
 }
 
 
