@@ -96,6 +96,7 @@ examples:
   moue-eval --load runs/demo/checkpoints --family
   moue-eval --load runs/demo/checkpoints --submodel layers=3,experts=8,topk=1 --json eval.json
   torchrun --nproc_per_node=2 -m moue.cli eval --load runs/demo/checkpoints --family parallel.ep=2
+  moue-eval --load runs/demo/checkpoints --tokens tokens.npy   # [batch, seq] int array
 
 A sub-model is layers=L,experts=M,topk=K; an axis left out keeps its full value.
 """
@@ -126,21 +127,34 @@ def eval_parser() -> argparse.ArgumentParser:
                         "configured elastic choices (elastic.layers, .experts, .topk)")
     parser.add_argument("--submodel", action="append", default=[], metavar="SPEC",
                         help="a sub-model, e.g. layers=3,experts=8,topk=1 (repeatable)")
+    parser.add_argument("--tokens", metavar="FILE.npy", help="instead: the full model's mean "
+                        "next-token loss over a [batch, seq] integer array (numpy.save), to "
+                        "compare with another implementation on the same tokens")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     return parser
 
 
 def evaluate(argv: list[str] | None = None) -> int:
-    args = eval_parser().parse_args(argv)
+    parser = eval_parser()
+    args = parser.parse_args(argv)
+    if args.tokens and (args.family or args.submodel):
+        parser.error("--tokens evaluates the full model: leave out --family and --submodel")
     try:
         from moue.training.evaluate import evaluate as run_eval
-        from moue.training.evaluate import markdown, write_json
+        from moue.training.evaluate import evaluate_tokens, markdown, write_json
 
-        rows = run_eval(args.load, args.submodel, args.family, args.overrides)
+        if args.tokens:
+            result = evaluate_tokens(args.load, args.tokens, args.overrides)
+            seq = result["positions"] // result["rows"]
+            text = (f"mean next-token loss over {result['rows']} x {seq} positions: "
+                    f"{result['loss']:.6f} (ppl {result['ppl']:.3f})")
+        else:
+            result = run_eval(args.load, args.submodel, args.family, args.overrides)
+            text = markdown(result)
         if global_rank_from_env() == 0:
-            print(markdown(rows), flush=True)
+            print(text, flush=True)
             if args.json:
-                write_json(rows, args.json, args.load)
+                write_json(result, args.json, args.load)
     except UserError as err:
         return report_user_error("moue-eval", err)
     return 0

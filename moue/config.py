@@ -277,8 +277,9 @@ class LoggingConfig(Section):
 # checkpoint with other values.
 TRAINING_KNOBS = ("balance", "balance_coeff", "aux_free_rate", "z_loss_coeff", "dispatcher",
                   "ep_balance_coeff", "ep_balance_groups", "expert_impl")
-# model fields that choose kernels, not weights (checkpoints move between them)
-IMPLEMENTATION_KNOBS = ("transformer_impl",)
+# model fields that do not decide the weights (checkpoints move between them): the kernels, and
+# the sequence length (RoPE has no learned positions; moue-eval --tokens evaluates any length)
+IMPLEMENTATION_KNOBS = ("transformer_impl", "seq_length")
 
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig,
             "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig,

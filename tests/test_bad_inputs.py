@@ -197,7 +197,8 @@ def test_checkpoints_resume_with_new_training_knobs_and_damaged_ones_are_named(t
     assert first.returncode == 0, first.stderr[-2000:]
     # Training knobs may change on resume; the architecture may not.
     knobs = _pretrain(tmp_path, "train.steps=3", "moe.balance_coeff=0.02",
-                      "moe.dispatcher=allgather", "train.lr=0.002", "train.min_lr=0.0002")
+                      "moe.dispatcher=allgather", "train.lr=0.002", "train.min_lr=0.0002",
+                      "model.seq_length=16")  # RoPE: the context length may change too
     assert knobs.returncode == 0, knobs.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # The schedule's shape is the resumed run's: step 3 of 3 ends at its min_lr, not the old one.

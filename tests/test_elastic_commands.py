@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moue.config import load_config
@@ -40,12 +41,15 @@ def _size(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 
+TRAINED = ["train.steps=6", "train.warmup_steps=1", "train.eval_interval=6", "train.eval_iters=2",
+           "elastic.enabled=true"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("elastic")
-    _run([*TORCHRUN, "--config", "examples/configs/tiny_cpu.yaml", "train.steps=6",
-          "train.warmup_steps=1", "train.eval_interval=6", "train.eval_iters=2",
-          "model.seq_length=64", "elastic.enabled=true", f"logging.dir={base / 'run'}",
+    _run([*TORCHRUN, "--config", "examples/configs/tiny_cpu.yaml", *TRAINED,
+          "model.seq_length=64", f"logging.dir={base / 'run'}",
           f"checkpoint.dir={base / 'ckpt'}"])
     return base
 
@@ -137,3 +141,57 @@ def test_bad_eval_and_export_paths(trained, exported):
     proc = _cli("export", "--load", str(trained / "ckpt"), "--submodel", SMALL, "--output",
                 str(exported), expect=2)
     assert "exists; give a new directory" in proc.stderr
+
+
+def _validation_rows(path: Path) -> None:
+    """The validation batches moue-eval scores (train.eval_iters global batches of the mock
+    data the run was configured with), as a [batch, seq + 1] token array."""
+    from data_tools.megatron_data import gpt_datasets
+
+    cfg = load_config("examples/configs/tiny_cpu.yaml", [*TRAINED, "model.seq_length=64"])
+    t = cfg.train
+    _, valid, _ = gpt_datasets(seq_length=64, seed=cfg.data_seed, split=cfg.data.split,
+                               num_samples=(t.steps * t.global_batch_size,
+                                            t.eval_iters * t.global_batch_size, 0),
+                               vocab_size=cfg.model.vocab_size)
+    samples = [valid[i] for i in range(t.eval_iters * t.global_batch_size)]
+    assert all(float(s["loss_mask"].min()) == 1.0 for s in samples)  # every position scored
+    np.save(path, np.stack([np.append(np.asarray(s["tokens"]), np.asarray(s["labels"])[-1])
+                            for s in samples]).astype(np.int32))
+
+
+def test_tokens_loss_is_the_tables_loss_on_the_same_tokens_under_any_layout(
+        trained, family, tmp_path):
+    """--tokens on the validation batches' tokens gives the family table's full-model loss, in
+    one process and under EP=2; a random array scores far worse than those (trained) batches."""
+    tokens = tmp_path / "valid.npy"
+    _validation_rows(tokens)
+    full = family["layers=4,experts=16,topk=2"]["loss"]
+    proc = _cli("eval", "--load", str(trained / "ckpt"), "--tokens", str(tokens), "--json",
+                str(tmp_path / "one.json"))
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["rows"] == 2 * 16 and one["positions"] == 32 * 64, one
+    assert abs(one["loss"] - full) / full < 1e-6, (one, full)
+    assert f"mean next-token loss over 32 x 64 positions: {one['loss']:.6f}" in proc.stdout
+    _run([*TORCHRUN, "eval", "--load", str(trained / "ckpt"), "--tokens", str(tokens),
+          "parallel.ep=2", "--json", str(tmp_path / "ep2.json")])
+    ep2 = json.loads((tmp_path / "ep2.json").read_text())
+    assert abs(ep2["loss"] - full) / full < 1e-5, (ep2, full)
+
+
+@pytest.mark.parametrize("array,message", [
+    (np.zeros(8, dtype=np.int64), "shape [8]; give a [batch, seq] array with seq >= 2"),
+    (np.zeros((2, 8), dtype=np.float32), "dtype float32; give integer token ids"),
+    (np.full((2, 8), 384), "token ids span 384..384, outside the model's vocabulary 0..383"),
+    (np.zeros((3, 8), dtype=np.int64), "its 3 rows cannot be spread over this layout"),
+])
+def test_bad_token_arrays_name_the_problem(trained, tmp_path, array, message):
+    path = tmp_path / "bad.npy"
+    np.save(path, array)
+    if "rows" in message:  # 3 rows over 2 data-parallel ranks; torchrun itself then exits 1
+        proc = _run([*TORCHRUN, "eval", "--load", str(trained / "ckpt"), "--tokens", str(path)],
+                    expect=1)
+        assert proc.stderr.count(message) == 1, proc.stderr[-2000:]  # said once, by rank 0
+        return
+    proc = _cli("eval", "--load", str(trained / "ckpt"), "--tokens", str(path), expect=2)
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -10,13 +10,22 @@ validation split, the batches ``moue-pretrain`` evaluates on.
 
 FLOPs per token in the table are forward-pass FLOPs (a third of ``moue.model.size``'s training
 figure): what serving a token costs.
+
+``--tokens FILE.npy`` instead evaluates the full model on a given ``[batch, seq]`` integer array:
+each row predicts its tokens 1..seq-1 from the ones before, and the result is the mean loss over
+all ``batch x (seq - 1)`` positions, the number to compare with another implementation run on the
+same array (the sequence length need not be the checkpoint's: RoPE has no learned positions).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from moue.config import RunConfig, load_config
 from moue.elastic.submodel import SubModel, family, full, parse
@@ -50,19 +59,11 @@ def submodels_to_evaluate(cfg: RunConfig, texts: list[str], whole_family: bool) 
 
 def evaluate(load: str, texts: list[str], whole_family: bool, overrides: list[str]) -> list[dict]:
     """Rows of the table (the same on every rank); starts and stops the process groups."""
-    from moue.training.trainer import Trainer
-
     path = checkpoint.resolve(load)
     cfg = checkpoint_config(path, overrides)
     subs = submodels_to_evaluate(cfg, texts, whole_family)
     env = launch.read_launch_env()
-    layout = check_run(cfg, env.world_size)
-    launch.init_distributed(layout, device="auto", env=env)
-    try:
-        launch.seed_everything(cfg.train.seed)
-        trainer = Trainer(cfg, layout, launch.resolve_device("auto"))
-        checkpoint.load_checkpoint(path, model=trainer.model.module, optimizer=None,
-                                   run_config=cfg, pg_collection=trainer.pg)
+    with _loaded(path, cfg, check_run(cfg, env.world_size), env) as trainer:
         rows = []
         for sub in subs:
             trainer.use_submodel(sub)
@@ -73,8 +74,81 @@ def evaluate(load: str, texts: list[str], whole_family: bool, overrides: list[st
                          "experts": len(sub.experts) if sub else 0, "topk": sub.topk if sub else 0,
                          **sizes(cfg.model, cfg.moe, cfg.topology(), sub), "loss": loss, "ppl": math.exp(min(loss, 50.0))})
         return rows
+
+
+@contextlib.contextmanager
+def _loaded(path: Path, cfg: RunConfig, layout, env):
+    """A Trainer holding the checkpoint's weights, between process-group start and stop."""
+    from moue.training.trainer import Trainer
+
+    launch.init_distributed(layout, device="auto", env=env)
+    try:
+        launch.seed_everything(cfg.train.seed)
+        trainer = Trainer(cfg, layout, launch.resolve_device("auto"))
+        checkpoint.load_checkpoint(path, model=trainer.model.module, optimizer=None,
+                                   run_config=cfg, pg_collection=trainer.pg)
+        yield trainer
     finally:
         launch.shutdown()
+
+
+class TokenRows:
+    """Rows of a ``[batch, seq]`` token array as the Trainer's samples (next-token targets)."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        n = len(row) - 1
+        return {"tokens": row[:-1], "labels": row[1:], "loss_mask": torch.ones(n),
+                "position_ids": torch.arange(n)}
+
+
+def read_tokens(path: str, vocab_size: int) -> torch.Tensor:
+    """The ``[batch, seq]`` array of ``--tokens``, or a ``UserError`` saying what is wrong."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--tokens {path}: cannot read it as a .npy array ({err}); save the "
+                        "tokens with numpy.save") from None
+    if array.ndim != 2 or array.shape[1] < 2 or array.shape[0] < 1:
+        raise UserError(f"--tokens {path}: shape {list(array.shape)}; give a [batch, seq] "
+                        "array with seq >= 2 (row r predicts its tokens 1.. from those before)")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise UserError(f"--tokens {path}: dtype {array.dtype}; give integer token ids")
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high >= vocab_size:
+        raise UserError(f"--tokens {path}: token ids span {low}..{high}, outside the model's "
+                        f"vocabulary 0..{vocab_size - 1} (model.vocab_size={vocab_size}); "
+                        "tokenize with the checkpoint's tokenizer")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def evaluate_tokens(load: str, tokens: str, overrides: list[str]) -> dict:
+    """Mean next-token loss of the full model over a token array (the same on every rank)."""
+    path = checkpoint.resolve(load)
+    rows = read_tokens(tokens, checkpoint_config(path, overrides).model.vocab_size)
+    batch, seq = rows.shape[0], rows.shape[1] - 1
+    cfg = checkpoint_config(path, [*overrides, f"model.seq_length={seq}", "data.mock=true",
+                                   f"train.global_batch_size={batch}", "train.micro_batch_size=1",
+                                   "train.eval_iters=1"])
+    env = launch.read_launch_env()
+    try:
+        layout = check_run(cfg, env.world_size)
+    except UserError as err:
+        raise UserError(f"--tokens {tokens}: its {batch} rows cannot be spread over this "
+                        f"layout ({err}); give a number of rows that the data-parallel size "
+                        "divides") from None
+    with _loaded(path, cfg, layout, env) as trainer:
+        trainer.use_submodel(submodels_to_evaluate(cfg, [], False)[0])
+        trainer.valid_data = TokenRows(rows)
+        loss = trainer.evaluate()
+    return {"tokens": str(tokens), "rows": batch, "positions": batch * seq, "loss": loss,
+            "ppl": math.exp(min(loss, 50.0))}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -90,10 +164,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_json(rows: list[dict], path: str, load: str) -> None:
+def write_json(rows: list[dict] | dict, path: str, load: str) -> None:
+    """The table's rows (or the ``--tokens`` result) as JSON, with the checkpoint."""
+    result = {"rows": rows} if isinstance(rows, list) else rows
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"checkpoint": str(load), "rows": rows}, indent=2) + "\n")
+        Path(path).write_text(json.dumps({"checkpoint": str(load), **result}, indent=2) + "\n")
     except OSError as err:
         raise UserError(f"--json {path}: cannot write it ({err.strerror}); give a writable path",
                         every_rank=False) from None
