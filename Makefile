@@ -67,6 +67,9 @@ lint: install
 	$(VENV)/bin/shellcheck -x examples/scripts/*.sh examples/scripts/*.sbatch .ci/run tests/stubs/* docker/*.sh
 	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.cpu
 
+clean:
+	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache .ruff_cache
+
 # Container images (docs/containers.md): the GPU image on NGC PyTorch, and the CPU image.
 image:
 	@$(call need_engine,$@)

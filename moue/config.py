@@ -52,7 +52,7 @@ class ModelConfig(Section):
     normalization: str = "RMSNorm"
     activation: str = "gelu"  # gelu | swiglu (gated: linear_fc1 holds gate and up, gate first)
     transformer_impl: str = "auto"  # auto | local | transformer_engine (parallel.capability)
-    # What released checkpoints use (docs/configuration.md#architecture-options):
+    # What released checkpoints use (docs/configuration.md, "Architecture options"):
     rope_base: float = 10000.0  # RoPE's base (theta)
     norm_epsilon: float = 1e-5  # every norm's epsilon
     qk_norm: bool = False  # a norm over each head's query and key (model.normalization)
