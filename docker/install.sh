@@ -36,7 +36,7 @@ while [ $# -gt 0 ]; do
     --base-torch) base_torch=1; shift ;;
     --extras) extras=${2?--extras needs a list (may be empty)}; shift 2 ;;
     --require) require=${2:?--require needs a list}; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option '$1'; see docker/install.sh --help" >&2; exit 2 ;;
   esac
 done
@@ -53,13 +53,15 @@ if ! "$py" -c "import torch" 2>/dev/null; then
       "--base-torch to install ${TORCH:-torch==2.13.0}." >&2
     exit 1
   fi
-  "$py" -m pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "${TORCH:-torch==2.13.0}"
+  "$py" -m pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+    "${TORCH:-torch==2.13.0}"
 fi
 
 pins=$venv/base-packages.txt
 "$py" -m parallel.environment pin "$pins"
 constraints=(-c "$pins")
-for file in ${PIP_CONSTRAINT:-}; do  # keep the base's own constraints (NGC: /etc/pip/constraint.txt)
+# The base's own constraints stay too (NGC: /etc/pip/constraint.txt).
+for file in ${PIP_CONSTRAINT:-}; do
   constraints+=(-c "$file")
 done
 target=.

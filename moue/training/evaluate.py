@@ -108,7 +108,7 @@ class TokenRows:
                 "position_ids": torch.arange(n)}
 
 
-def read_tokens(path: str, vocab_size: int) -> torch.Tensor:
+def read_tokens(path: str) -> torch.Tensor:
     """The ``[batch, seq]`` array of ``--tokens``, or a ``UserError`` saying what is wrong."""
     try:
         array = np.load(path, allow_pickle=False)
@@ -120,22 +120,26 @@ def read_tokens(path: str, vocab_size: int) -> torch.Tensor:
                         "array with seq >= 2 (row r predicts its tokens 1.. from those before)")
     if not np.issubdtype(array.dtype, np.integer):
         raise UserError(f"--tokens {path}: dtype {array.dtype}; give integer token ids")
-    low, high = int(array.min()), int(array.max())
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def _check_vocabulary(path: str, rows: torch.Tensor, vocab_size: int) -> None:
+    low, high = int(rows.min()), int(rows.max())
     if low < 0 or high >= vocab_size:
         raise UserError(f"--tokens {path}: token ids span {low}..{high}, outside the model's "
                         f"vocabulary 0..{vocab_size - 1} (model.vocab_size={vocab_size}); "
                         "tokenize with the checkpoint's tokenizer")
-    return torch.from_numpy(array.astype(np.int64))
 
 
 def evaluate_tokens(load: str, tokens: str, overrides: list[str]) -> dict:
     """Mean next-token loss of the full model over a token array (the same on every rank)."""
     path = checkpoint.resolve(load)
-    rows = read_tokens(tokens, checkpoint_config(path, overrides).model.vocab_size)
+    rows = read_tokens(tokens)
     batch, seq = rows.shape[0], rows.shape[1] - 1
     cfg = checkpoint_config(path, [*overrides, f"model.seq_length={seq}", "data.mock=true",
                                    f"train.global_batch_size={batch}", "train.micro_batch_size=1",
                                    "train.eval_iters=1"])
+    _check_vocabulary(tokens, rows, cfg.model.vocab_size)
     env = launch.read_launch_env()
     try:
         layout = check_run(cfg, env.world_size)
