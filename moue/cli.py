@@ -130,6 +130,8 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", metavar="FILE.npy", help="instead: the full model's mean "
                         "next-token loss over a [batch, seq] integer array (numpy.save), to "
                         "compare with another implementation on the same tokens")
+    parser.add_argument("--logits", metavar="OUT.npy", help="with --tokens: also save the "
+                        "logits [batch, seq-1, vocab] (float32) there")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     return parser
 
@@ -139,12 +141,14 @@ def evaluate(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tokens and (args.family or args.submodel):
         parser.error("--tokens evaluates the full model: leave out --family and --submodel")
+    if args.logits and not args.tokens:
+        parser.error("--logits saves the logits of --tokens FILE.npy: give that too")
     try:
         from moue.training.evaluate import evaluate as run_eval
         from moue.training.evaluate import evaluate_tokens, markdown, write_json
 
         if args.tokens:
-            result = evaluate_tokens(args.load, args.tokens, args.overrides)
+            result = evaluate_tokens(args.load, args.tokens, args.overrides, args.logits)
             seq = result["positions"] // result["rows"]
             text = (f"mean next-token loss over {result['rows']} x {seq} positions: "
                     f"{result['loss']:.6f} (ppl {result['ppl']:.3f})")
@@ -186,11 +190,68 @@ def export(argv: list[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": pretrain, "eval": evaluate, "export": export}
+CONVERT_EPILOG = """\
+examples:
+  moue-convert import --hf ~/models/Qwen3-30B-A3B --output runs/qwen3
+  moue-pretrain --config runs/qwen3/config.yaml data.mock=false data.path=data/web   # continue
+  moue-eval --load runs/qwen3 --tokens tokens.npy --logits logits.npy
+  moue-convert export --load runs/qwen3 --hf-output runs/qwen3-hf
+  moue-convert export --load runs/moue --hf-output runs/moue-hf --family mixtral
+
+Supported families: Mixtral, Qwen2-MoE, Qwen3-MoE (docs/conversion.md). Both directions run as
+one CPU process holding the whole model in fp32.
+"""
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moue-convert", description="Convert checkpoints: a Hugging Face MoE model into a "
+        "moue checkpoint (standard topology), or a moue checkpoint into a Hugging Face model.",
+        epilog=CONVERT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="import|export")
+    imp = commands.add_parser("import", help="a Hugging Face directory -> a moue checkpoint",
+                              description="A Hugging Face directory (config.json, *.safetensors, "
+                              "tokenizer) -> a moue checkpoint directory with config.yaml.")
+    imp.add_argument("--hf", required=True, metavar="DIR", help="the Hugging Face directory")
+    imp.add_argument("--output", required=True, metavar="CKPT", help="a new directory")
+    imp.add_argument("overrides", nargs="*", metavar="section.key=value",
+                     help="settings of the written config.yaml, e.g. model.seq_length=2048 "
+                     "parallel.ep=8 train.lr=1e-4 (the architecture comes from config.json)")
+    exp = commands.add_parser("export", help="a moue checkpoint -> a Hugging Face directory",
+                              description="A moue checkpoint whose routers have no trajectory "
+                              "state -> a Hugging Face directory (safetensors, config.json, "
+                              "tokenizer); each MoE layer gets copies of its window's experts.")
+    exp.add_argument("--load", required=True, metavar="CKPT",
+                     help="a checkpoint.dir (its 'latest' is used) or one step_N directory")
+    exp.add_argument("--hf-output", required=True, metavar="DIR", help="a new directory")
+    exp.add_argument("--family", metavar="NAME", help="mixtral, qwen2_moe or qwen3_moe "
+                     "(default: the first that can hold the model)")
+    return parser
+
+
+def convert(argv: list[str] | None = None) -> int:
+    args = convert_parser().parse_args(argv)
+    try:
+        from moue.convert.huggingface import export_hf, import_hf
+
+        if args.command == "import":
+            out = import_hf(args.hf, args.output, args.overrides)
+            print(f"moue-convert: wrote {out}; continue training with moue-pretrain --config "
+                  f"{out / 'config.yaml'}, evaluate with moue-eval --load {out}")
+        else:
+            out, family = export_hf(args.load, args.hf_output, args.family)
+            print(f"moue-convert: wrote {out} ({family}); load it with "
+                  f"transformers.AutoModelForCausalLM.from_pretrained('{out}')")
+    except UserError as err:
+        return report_user_error("moue-convert", err)
+    return 0
+
+
+COMMANDS = {"pretrain": pretrain, "eval": evaluate, "export": export, "convert": convert}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m moue.cli [pretrain|eval|export] ...`` (torchrun's ``-m moue.cli``): pretrain
+    """``python -m moue.cli [pretrain|eval|export|convert] ...`` (torchrun's ``-m moue.cli``): pretrain
     unless the first argument names another command."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:

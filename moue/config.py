@@ -45,6 +45,7 @@ class ModelConfig(Section):
     hidden_size: int = 64
     num_attention_heads: int = 4
     num_query_groups: int | None = None  # None: as many as attention heads (no GQA)
+    head_dim: int | None = None  # None: hidden_size / num_attention_heads (Qwen3 sets its own)
     seq_length: int = 128
     vocab_size: int = 256
     ffn_hidden_size: int = 256  # dense (non-MoE) layers
@@ -73,12 +74,22 @@ class ModelConfig(Section):
             check(self.num_attention_heads % self.num_query_groups == 0,
                   "model.num_query_groups", self.num_query_groups,
                   f"must divide model.num_attention_heads={self.num_attention_heads}")
-        check(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
-              self.hidden_size, f"must be a multiple of model.num_attention_heads="
-              f"{self.num_attention_heads}")
+        if self.head_dim is None:
+            check(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
+                  self.hidden_size, f"must be a multiple of model.num_attention_heads="
+                  f"{self.num_attention_heads} (or set model.head_dim)")
+        else:
+            positive("model", self, "head_dim")
+            check(self.head_dim % 2 == 0, "model.head_dim", self.head_dim,
+                  "must be even (RoPE rotates pairs of channels)")
         one_of("model.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
         one_of("model.activation", self.activation, ("gelu", "swiglu"))
         one_of("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+
+    @property
+    def kv_channels(self) -> int:
+        """Channels per attention head."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def dense(self) -> bool:

@@ -183,7 +183,7 @@ def test_tokens_loss_is_the_tables_loss_on_the_same_tokens_under_any_layout(
     (np.zeros(8, dtype=np.int64), "shape [8]; give a [batch, seq] array with seq >= 2"),
     (np.zeros((2, 8), dtype=np.float32), "dtype float32; give integer token ids"),
     (np.full((2, 8), 384), "token ids span 384..384, outside the model's vocabulary 0..383"),
-    (np.zeros((3, 8), dtype=np.int64), "its 3 rows cannot be spread over this layout"),
+    (np.zeros((3, 8), dtype=np.int64), "the data-parallel size must divide its 3 rows"),
 ])
 def test_bad_token_arrays_name_the_problem(trained, tmp_path, array, message):
     path = tmp_path / "bad.npy"

@@ -97,7 +97,7 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, layout: ParallelLayou
     config = TransformerConfig(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
-        ffn_hidden_size=model.ffn_hidden_size, normalization=model.normalization,
+        kv_channels=model.kv_channels, ffn_hidden_size=model.ffn_hidden_size, normalization=model.normalization,
         layernorm_epsilon=model.norm_epsilon, qk_layernorm=model.qk_norm,
         add_qkv_bias=model.qkv_bias,
         **({} if model.dense else _moe_fields(model, moe, plan)),

@@ -38,7 +38,7 @@ def param_counts(model: ModelConfig, moe: MoEConfig, topology: Topology | None,
     """Parameters by part (whole model, all ranks together); ``topology`` None: dense; ``sub``
     an elastic sub-model (what ``moue-export`` keeps of it)."""
     h, heads = model.hidden_size, model.num_attention_heads
-    kv = h // heads
+    kv = model.kv_channels
     groups = model.num_query_groups or heads
     per_weight = 2 if model.normalization == "LayerNorm" else 1  # LayerNorm: weight and bias
     norm = h * per_weight

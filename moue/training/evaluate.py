@@ -14,7 +14,9 @@ figure): what serving a token costs.
 ``--tokens FILE.npy`` instead evaluates the full model on a given ``[batch, seq]`` integer array:
 each row predicts its tokens 1..seq-1 from the ones before, and the result is the mean loss over
 all ``batch x (seq - 1)`` positions, the number to compare with another implementation run on the
-same array (the sequence length need not be the checkpoint's: RoPE has no learned positions).
+same array (the sequence length need not be the checkpoint's: RoPE has no learned positions);
+``--logits OUT.npy`` also saves the logits ``[batch, seq-1, V]`` (float32), gathered over the
+tensor- and data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 from moue.config import RunConfig, load_config
 from moue.elastic.submodel import SubModel, family, full, parse
@@ -34,6 +37,7 @@ from moue.run_check import check_run
 from moue.training import checkpoint
 from parallel import launch
 from parallel.errors import UserError
+from parallel.reduce import is_last_stage, is_logging_rank
 
 
 def checkpoint_config(path: Path, overrides: list[str]) -> RunConfig:
@@ -63,7 +67,7 @@ def evaluate(load: str, texts: list[str], whole_family: bool, overrides: list[st
     cfg = checkpoint_config(path, overrides)
     subs = submodels_to_evaluate(cfg, texts, whole_family)
     env = launch.read_launch_env()
-    with _loaded(path, cfg, check_run(cfg, env.world_size), env) as trainer:
+    with loaded_trainer(path, cfg, check_run(cfg, env.world_size), env) as trainer:
         rows = []
         for sub in subs:
             trainer.use_submodel(sub)
@@ -77,16 +81,18 @@ def evaluate(load: str, texts: list[str], whole_family: bool, overrides: list[st
 
 
 @contextlib.contextmanager
-def _loaded(path: Path, cfg: RunConfig, layout, env):
-    """A Trainer holding the checkpoint's weights, between process-group start and stop."""
+def loaded_trainer(path: Path | None, cfg: RunConfig, layout, env, device: str = "auto"):
+    """A Trainer holding the checkpoint's weights (``path`` None: freshly initialised ones),
+    between process-group start and stop."""
     from moue.training.trainer import Trainer
 
-    launch.init_distributed(layout, device="auto", env=env)
+    launch.init_distributed(layout, device=device, env=env)
     try:
         launch.seed_everything(cfg.train.seed)
-        trainer = Trainer(cfg, layout, launch.resolve_device("auto"))
-        checkpoint.load_checkpoint(path, model=trainer.model.module, optimizer=None,
-                                   run_config=cfg, pg_collection=trainer.pg)
+        trainer = Trainer(cfg, layout, launch.resolve_device(device))
+        if path is not None:
+            checkpoint.load_checkpoint(path, model=trainer.model.module, optimizer=None,
+                                       run_config=cfg, pg_collection=trainer.pg)
         yield trainer
     finally:
         launch.shutdown()
@@ -131,28 +137,89 @@ def _check_vocabulary(path: str, rows: torch.Tensor, vocab_size: int) -> None:
                         "tokenize with the checkpoint's tokenizer")
 
 
-def evaluate_tokens(load: str, tokens: str, overrides: list[str]) -> dict:
-    """Mean next-token loss of the full model over a token array (the same on every rank)."""
+def _logits_step(store: list, tp_group):
+    """A forward step that keeps each micro-batch's logits, whole over the vocabulary, in
+    ``store`` (on the last pipeline stage) and returns the mean next-token loss."""
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        logits = model(mb["tokens"], mb["position_ids"], attention_mask=None)  # [b, s, V/tp]
+
+        def loss_func(output):
+            full = gather_from_tensor_model_parallel_region(output, tp_group).float()
+            store.append(full)
+            loss = torch.nn.functional.cross_entropy(full.flatten(0, 1), mb["labels"].flatten())
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return logits, loss_func
+
+    return forward_step
+
+
+@torch.no_grad()
+def token_logits(trainer, rows: torch.Tensor) -> torch.Tensor | None:
+    """The full model's logits ``[batch, seq-1, V]`` on ``rows`` (``[batch, seq]``, row ``r``'s
+    position ``i`` predicting token ``i+1``), on the last pipeline stage's ranks (None on the
+    others); rows are spread over data-parallel ranks, as ``evaluate_tokens`` does."""
+    store: list[torch.Tensor] = []
+    trainer.model.eval()
+    try:
+        trainer._run_schedule(TokenRows(rows), 0, forward_only=True,
+                              forward_step=_logits_step(store, trainer.pg.tp))
+    finally:
+        trainer.model.train()
+    if not is_last_stage(trainer.pg):
+        return None
+    mine = torch.cat(store)
+    parts = [torch.empty_like(mine) for _ in range(trainer.pg.dp.size())]
+    torch.distributed.all_gather(parts, mine, group=trainer.pg.dp)
+    return torch.cat(parts).cpu()
+
+
+def tokens_config(path: Path, rows: torch.Tensor, overrides: list[str]) -> RunConfig:
+    """The checkpoint's config set to evaluate ``rows`` ([batch, seq]) as one global batch."""
+    batch, seq = rows.shape[0], rows.shape[1] - 1
+    return checkpoint_config(path, [*overrides, f"model.seq_length={seq}", "data.mock=true",
+                                    f"train.global_batch_size={batch}", "train.micro_batch_size=1",
+                                    "train.eval_iters=1"])
+
+
+def evaluate_tokens(load: str, tokens: str, overrides: list[str],
+                    logits_path: str | None = None) -> dict:
+    """Mean next-token loss of the full model over a token array (the same on every rank);
+    ``logits_path``: also save the logits ``[batch, seq-1, V]`` there (numpy, float32)."""
     path = checkpoint.resolve(load)
     rows = read_tokens(tokens)
     batch, seq = rows.shape[0], rows.shape[1] - 1
-    cfg = checkpoint_config(path, [*overrides, f"model.seq_length={seq}", "data.mock=true",
-                                   f"train.global_batch_size={batch}", "train.micro_batch_size=1",
-                                   "train.eval_iters=1"])
+    cfg = tokens_config(path, rows, overrides)
     _check_vocabulary(tokens, rows, cfg.model.vocab_size)
     env = launch.read_launch_env()
     try:
         layout = check_run(cfg, env.world_size)
     except UserError as err:
-        raise UserError(f"--tokens {tokens}: its {batch} rows cannot be spread over this "
-                        f"layout ({err}); give a number of rows that the data-parallel size "
-                        "divides") from None
-    with _loaded(path, cfg, layout, env) as trainer:
+        raise UserError(f"--tokens {tokens}: a [{batch}, {seq + 1}] array cannot run on this "
+                        f"layout ({err}); the data-parallel size must divide its {batch} rows, "
+                        f"and with parallel.tp > 1 tp must divide its {seq} positions per row "
+                        "(row length - 1)") from None
+    with loaded_trainer(path, cfg, layout, env) as trainer:
         trainer.use_submodel(submodels_to_evaluate(cfg, [], False)[0])
         trainer.valid_data = TokenRows(rows)
         loss = trainer.evaluate()
+        if logits_path is not None:
+            logits = token_logits(trainer, rows)
+            if logits is not None and is_logging_rank(trainer.pg):
+                _save_array(logits_path, logits.numpy())
     return {"tokens": str(tokens), "rows": batch, "positions": batch * seq, "loss": loss,
             "ppl": math.exp(min(loss, 50.0))}
+
+
+def _save_array(path: str, array: np.ndarray) -> None:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, array)
+    except OSError as err:
+        raise UserError(f"--logits {path}: cannot write it ({err.strerror}); give a writable "
+                        "path", every_rank=False) from None
 
 
 def markdown(rows: list[dict]) -> str:

@@ -197,11 +197,12 @@ class Trainer:
 
     # --- steps ---
 
-    def _run_schedule(self, dataset, first_sample: int, forward_only: bool) -> float:
+    def _run_schedule(self, dataset, first_sample: int, forward_only: bool,
+                      forward_step=_forward_step) -> float:
         shapes = (pipeline_shapes(self.cfg.moe.router_state_dim)
                   if self.layout.pp > 1 and not self.cfg.model.dense else None)
         losses = self.engine.forward_backward(
-            _forward_step, self._microbatches(dataset, first_sample),
+            forward_step, self._microbatches(dataset, first_sample),
             num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only,
             adjust_tensor_shapes_fn=shapes)

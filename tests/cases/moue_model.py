@@ -62,7 +62,7 @@ VARIANT = ("moe.balance=aux_free", "moe.aux_free_rate=0.05", "moe.shared_experts
 OPTIONS = ("model.qk_norm=true", "model.qkv_bias=true", "model.tie_embeddings=true",
            "model.rope_base=1000000", "model.norm_epsilon=1e-6", "model.activation=swiglu",
            "model.num_query_groups=2", "moe.shared_experts=1", "moe.shared_expert_gate=true",
-           "moe.pre_softmax=true")
+           "moe.pre_softmax=true", "model.head_dim=12")
 
 for _name in ("single", *LAYOUTS):
     CASES.add(f"moue_options[{_name}]", partial(_train, _name, 1 if _name == "single" else 2,

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: Hugging Face MoE checkpoints in and out (``moue-convert``)."""

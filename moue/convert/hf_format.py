@@ -1,0 +1,137 @@
+"""Hugging Face model directories on disk: ``config.json``, safetensors shards, tokenizer files.
+
+Read and written with ``safetensors`` and ``json`` alone (no ``transformers``). Weights are one
+``model.safetensors`` or shards listed by ``model.safetensors.index.json`` (its ``weight_map``:
+tensor name -> shard file), the layout ``save_pretrained`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from parallel.errors import UserError
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Copied beside the weights on import and export; tokenizer.json (or tokenizer.model) is the one
+# moue reads (data.tokenizer), the others serve Hugging Face's own loaders.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
+SHARD_BYTES = 4 * 2**30
+
+
+def read_config(directory: Path) -> dict:
+    """``config.json`` of a Hugging Face directory, or a ``UserError`` naming what is wrong."""
+    if not directory.is_dir():
+        raise UserError(f"--hf {directory}: no such directory; give a Hugging Face model "
+                        "directory (config.json, *.safetensors, tokenizer.json)")
+    path = directory / CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--hf {directory}: no {CONFIG}; give the directory save_pretrained "
+                        "wrote (or a downloaded snapshot), which holds it") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err}); download it again") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: holds {type(config).__name__}, not a JSON object; download it "
+                        "again")
+    return config
+
+
+class Tensors:
+    """The tensors of a Hugging Face directory, read one at a time (as float32) on demand."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index, single = directory / INDEX, directory / SINGLE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise UserError(f"{index}: no readable weight_map ({err!r}); download it "
+                                "again") from None
+            self.files = {name: directory / file for name, file in weight_map.items()}
+        elif single.exists():
+            self.files = {name: single for name in self._names_in(single)}
+        else:
+            pytorch_bins = sorted(p.name for p in directory.glob("*.bin"))
+            hint = (f" (it has {', '.join(pytorch_bins[:3])}: PyTorch pickles, which moue does "
+                    "not read; save the model again with save_pretrained(..., "
+                    "safe_serialization=True))" if pytorch_bins else "")
+            raise UserError(f"--hf {directory}: no {SINGLE} nor {INDEX}{hint}")
+        missing = sorted({f.name for f in self.files.values() if not f.exists()})
+        if missing:
+            raise UserError(f"{index}: lists shard(s) {', '.join(missing)} that are not in "
+                            f"{directory}; download the missing files")
+        self._shapes: dict[str, list[int]] = {}
+
+    @staticmethod
+    def _names_in(path: Path) -> list[str]:
+        try:
+            with safe_open(path, "pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{path}: cannot read it as safetensors ({err}); the file is "
+                            "damaged or incomplete: download it again") from None
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise UserError(f"--hf {self.directory}: has no tensor {name!r}, which this "
+                            "architecture's config.json requires; the weights and config.json do "
+                            "not belong together (or the download is incomplete)")
+        path = self.files[name]
+        try:
+            with safe_open(path, "pt") as f:
+                return f.get_tensor(name).float()
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{path}: cannot read tensor {name!r} ({err}); the file is damaged "
+                            "or incomplete: download it again") from None
+
+
+def write_tensors(directory: Path, tensors: dict[str, torch.Tensor],
+                  shard_bytes: int = SHARD_BYTES) -> None:
+    """``tensors`` as ``save_pretrained`` lays them out: one file, or shards and an index."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / SINGLE, metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    (directory / INDEX).write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def tokenizer_file(directory: Path) -> Path | None:
+    """The tokenizer moue reads from a directory: tokenizer.json, else tokenizer.model."""
+    return next((directory / n for n in TOKENIZER_FILES[:2] if (directory / n).exists()), None)
+
+
+def copy_tokenizer(source: Path, target: Path) -> list[str]:
+    """Copy the tokenizer files present in ``source`` into ``target``; returns their names."""
+    copied = [n for n in TOKENIZER_FILES if (source / n).is_file()]
+    for name in copied:
+        shutil.copyfile(source / name, target / name)
+    return copied

@@ -1,0 +1,159 @@
+"""``moue-convert import --hf`` and ``moue-convert export --hf-output``.
+
+Import: a Hugging Face directory (``config.json``, safetensors, tokenizer) becomes a moue
+checkpoint directory with the standard topology (layer ``l``'s ``N`` experts are pool experts
+``l*N .. l*N+N-1``, each router scores its own block): ``step_0000000`` (weights, a fresh
+optimizer), ``config.yaml`` (``checkpoint.dir`` is the output, ``data.mock=true`` until a dataset
+is given), the tokenizer files and ``source.json``. ``moue-pretrain --config OUT/config.yaml``
+continues training it under any layout; ``moue-eval --load OUT`` evaluates it.
+
+Export: a moue checkpoint whose routers have no trajectory state becomes a Hugging Face
+directory of one family; each MoE layer gets private copies of its window's experts (for the
+standard topology, exactly its own), so the outputs are the same.
+
+Both run as one CPU process and hold the whole model in fp32 (weights, and for import also
+gradients and Adam's moments: about 16 bytes per parameter). Outputs appear under their final
+name only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from data_tools.tokenizer import load_tokenizer
+from moue.config import IMPLEMENTATION_KNOBS, TRAINING_KNOBS, load_config
+from moue.convert.families import export_family, family_of, hf_config, moue_sections, to_hf, to_moue
+from moue.convert.hf_format import (
+    CONFIG,
+    Tensors,
+    copy_tokenizer,
+    read_config,
+    tokenizer_file,
+    write_tensors,
+)
+from moue.elastic.export import SINGLE
+from moue.run_check import check_run
+from moue.training import checkpoint
+from moue.training.evaluate import loaded_trainer
+from parallel import launch
+from parallel.errors import UserError
+
+DEFAULT_SEQ_LENGTH = 4096  # of the written config, at most max_position_embeddings
+
+
+def _new_output(output: str, flag: str) -> tuple[Path, Path]:
+    """The output path (must not exist) and its hidden staging twin; one process only."""
+    out = Path(output)
+    if out.exists():
+        raise UserError(f"{flag} {out}: exists; give a new directory (nothing is overwritten)")
+    if launch.read_launch_env().world_size != 1:
+        raise UserError("moue-convert runs as one process (it holds the whole model); run it "
+                        "without torchrun")
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out, tmp
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    free = {f"model.{k}" for k in IMPLEMENTATION_KNOBS} | {f"moe.{k}" for k in TRAINING_KNOBS}
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key.split(".", 1)[0] in ("model", "moe") and key not in free:
+            raise UserError(f"override {item!r}: the architecture comes from config.json; "
+                            f"override {', '.join(sorted(free))}, or the parallel, train, "
+                            "data, checkpoint or logging sections")
+
+
+def import_hf(hf_dir: str, output: str, overrides: list[str]) -> Path:
+    """Convert the Hugging Face directory ``hf_dir`` into the moue checkpoint ``output``."""
+    source = Path(hf_dir)
+    out, tmp = _new_output(output, "--output")
+    _check_overrides(overrides)
+    hf = read_config(source)
+    where = str(source / CONFIG)
+    family = family_of(hf, where)
+    tree = moue_sections(hf, family, where)
+    tree["model"]["seq_length"] = min(int(hf.get("max_position_embeddings") or DEFAULT_SEQ_LENGTH),
+                                      DEFAULT_SEQ_LENGTH)
+    tok = tokenizer_file(source)
+    if tok is None:
+        raise UserError(f"--hf {source}: no tokenizer.json nor tokenizer.model; copy the model's "
+                        "tokenizer files into it (moue tokenizes training data with them)")
+    vocab = load_tokenizer(str(tok)).vocab_size
+    if vocab > tree["model"]["vocab_size"]:
+        raise UserError(f"{tok}: {vocab} tokens, more than the model's vocab_size="
+                        f"{tree['model']['vocab_size']} in {where}; the tokenizer belongs to "
+                        "another model: use the checkpoint's own")
+    tensors = Tensors(source)
+    final = out.resolve()
+    target = load_config(None, overrides, base={
+        **tree, "data": {"mock": True, "tokenizer": str(final / tok.name)},
+        "checkpoint": {"dir": str(final)}})
+    check_run(target)
+    single = load_config(None, [*SINGLE, f"checkpoint.dir={tmp}", f"data.tokenizer={tok}"],
+                         base=tree)
+    with loaded_trainer(None, single, check_run(single, 1), launch.read_launch_env(),
+                        device="cpu") as trainer:
+        module = trainer.model.module
+        expected = module.state_dict()
+        state = to_moue(tensors, single, family, expected)
+        module.load_state_dict({**expected, **state})
+        checkpoint.init_optimizer_state(trainer.optimizer)
+        tmp.mkdir(parents=True)
+        trainer.save()
+    (tmp / "config.yaml").write_text(yaml.safe_dump(target.to_dict(), sort_keys=False,
+                                                     default_flow_style=None))
+    copy_tokenizer(source, tmp)
+    (tmp / "source.json").write_text(json.dumps(
+        {"huggingface": str(source.resolve()), "family": family.model_type, "config": hf},
+        indent=2) + "\n")
+    tmp.rename(out)
+    return out
+
+
+def _with_source_fields(path: Path, hf: dict) -> dict:
+    """``hf`` over the imported config.json's other fields (token ids, ...) when the checkpoint
+    came from ``import`` of the same family (its ``source.json``, beside ``latest``)."""
+    source = next((p / "source.json" for p in (path, path.parent) if (p / "source.json").exists()),
+                  None)
+    if source is None:
+        return hf
+    original = json.loads(source.read_text())
+    if original.get("family") != hf["model_type"]:
+        return hf
+    kept = {k: v for k, v in original["config"].items()
+            if k not in hf and k not in ("num_experts", "num_local_experts", "rope_scaling",
+                                         "transformers_version")}
+    return {**kept, **hf}
+
+
+def export_hf(load: str, output: str, family_name: str | None) -> tuple[Path, str]:
+    """Write checkpoint ``load`` as a Hugging Face directory ``output``; returns it and the
+    family written."""
+    out, tmp = _new_output(output, "--hf-output")
+    path = checkpoint.resolve(load)
+    saved = checkpoint.saved_config(path)["config"]
+    cfg = load_config(None, [*SINGLE, "checkpoint.dir=null"], base=saved)
+    family = export_family(cfg, family_name)
+    with loaded_trainer(path, cfg, check_run(cfg, 1), launch.read_launch_env(),
+                        device="cpu") as trainer:
+        module = trainer.model.module
+        bias = module.decoder.pool_balance.selection_bias()
+        if bias is not None and bool(bias.any()):
+            raise UserError(f"--load {load}: the aux_free balance's selection bias is non-zero "
+                            f"(up to {float(bias.abs().max()):.3g}); Hugging Face's routers have "
+                            "no such bias, so the exported model would route differently")
+        tensors = to_hf(module.state_dict(), cfg, family)
+    tmp.mkdir(parents=True)
+    write_tensors(tmp, tensors)
+    (tmp / CONFIG).write_text(json.dumps(_with_source_fields(path, hf_config(cfg, family)),
+                                         indent=2) + "\n")
+    tok = Path(cfg.data.tokenizer)
+    if tok.is_file():
+        copy_tokenizer(tok.parent, tmp)
+    tmp.rename(out)
+    return out, family.model_type

@@ -1,0 +1,243 @@
+"""``moue-convert`` against ``transformers``: small random Mixtral, Qwen2-MoE and Qwen3-MoE models
+(built here, nothing downloaded) imported into moue give transformers' logits in fp32 in one
+process and under TP=2 (+SP), PP=2, EP=2; exported back they are the same tensors; a rotational
+MoUE model exported as private expert copies gives its own logits in transformers; bad inputs
+are named and leave nothing under the output's name."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from moue.config import load_config  # noqa: E402
+from moue.convert.families import export_family  # noqa: E402
+from moue.convert.huggingface import export_hf, import_hf  # noqa: E402
+from moue.training.evaluate import evaluate_tokens  # noqa: E402
+from moue.training.trainer import run  # noqa: E402
+from parallel.errors import UserError  # noqa: E402
+from tests.distributed import launch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+TOL = 1e-5  # fp32; measured about 1e-7 (docs/conversion.md)
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+COMMON = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, initializer_range=0.1)
+
+
+def _hf_model(family: str):
+    """A random model of each family, each with other options on."""
+    torch.manual_seed(7)
+    if family == "mixtral":  # GQA, RoPE base 1e6, softmax then top-k renormalised
+        config = transformers.MixtralConfig(**COMMON, num_hidden_layers=2, intermediate_size=48,
+                                            num_local_experts=4, num_experts_per_tok=2)
+        return transformers.MixtralForCausalLM(config)
+    if family == "qwen2_moe":  # gated shared expert, qkv bias, tied embeddings, dense layers
+        config = transformers.Qwen2MoeConfig(
+            **COMMON, num_hidden_layers=4, mlp_only_layers=[1, 3], intermediate_size=40,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+            shared_expert_intermediate_size=32, norm_topk_prob=False, tie_word_embeddings=True)
+        return transformers.Qwen2MoeForCausalLM(config)
+    config = transformers.Qwen3MoeConfig(  # per-head q/k norms, head_dim != hidden/heads
+        **COMMON, num_hidden_layers=2, head_dim=16, num_experts=6, num_experts_per_tok=2,
+        moe_intermediate_size=16, norm_topk_prob=True)
+    return transformers.Qwen3MoeForCausalLM(config)
+
+
+def _tokenizer(directory: Path, size: int) -> None:
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(size - 1)} | {"</s>": size - 1}
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(directory / "tokenizer.json"))
+
+
+def _hf_logits(directory: Path, tokens: np.ndarray) -> np.ndarray:
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(tokens)).logits[:, :-1].numpy()
+
+
+def _cli(*args, expect=0):
+    proc = subprocess.run([sys.executable, "-m", "moue.cli", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Per family: hf/ (saved by transformers, with a tokenizer), moue/ (imported by the CLI),
+    reference_logits.npy; tokens.npy: [2, 13] (12 positions, which tp=2 divides)."""
+    base = tmp_path_factory.mktemp("convert")
+    tokens = np.random.default_rng(0).integers(0, 90, size=(2, 13))
+    np.save(base / "tokens.npy", tokens)
+    for family in FAMILIES:
+        hf = base / family / "hf"
+        _hf_model(family).save_pretrained(hf)
+        _tokenizer(hf, 90)
+        np.save(base / family / "reference_logits.npy", _hf_logits(hf, tokens))
+        import_hf(str(hf), str(base / family / "moue"), [])  # the command's function (CLI below)
+    return base
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_import_gives_transformers_logits_in_one_process(base, family):
+    out, tokens = base / family / "one.npy", base / "tokens.npy"
+    if family == "mixtral":  # the command as a user runs it, once
+        proc = _cli("eval", "--load", str(base / family / "moue"), "--tokens", str(tokens),
+                    "--logits", str(out))
+        printed = float(proc.stdout.split("positions: ")[1].split()[0])
+    else:
+        printed = evaluate_tokens(str(base / family / "moue"), str(tokens), [], str(out))["loss"]
+    reference = np.load(base / family / "reference_logits.npy")
+    diff = np.abs(np.load(out) - reference).max()
+    print(f"{family} one process: max |logit difference| {diff:.2e}, "
+          f"largest logit {np.abs(reference).max():.2f}")
+    assert diff <= TOL, f"{family}: max |logit difference| {diff:.2e}"
+    loss = torch.nn.functional.cross_entropy(torch.from_numpy(reference).flatten(0, 1),
+                                             torch.from_numpy(np.load(tokens))[:, 1:].flatten())
+    assert abs(printed - loss.item()) <= 1e-5 * loss.item(), (printed, loss.item())
+    config = (base / family / "moue" / "config.yaml").read_text()
+    assert "topology: standard" in config and "tokenizer.json" in config
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "ep2"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_import_gives_transformers_logits_on_every_layout(base, family, layout):
+    env = (("MOUE_CONVERT_DIR", str(base)),)
+    diffs = launch("tests.cases.conversion", 2, env_vars=env)[f"logits[{family}-{layout}]"]
+    measured = [d for d in diffs if d is not None]
+    print(f"{family} {layout}: max |logit difference| {max(measured):.2e}")
+    assert measured and max(measured) <= TOL, (family, layout, diffs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_returns_the_imported_tensors(base, family):
+    out = base / family / "exported"
+    if family == "mixtral":  # the command as a user runs it, once
+        proc = _cli("convert", "export", "--load", str(base / family / "moue"), "--hf-output",
+                    str(out))
+        assert f"({family})" in proc.stdout
+    else:
+        assert export_hf(str(base / family / "moue"), str(out), None)[1] == family
+    original, exported = (load_file(d / "model.safetensors") for d in (base / family / "hf", out))
+    assert sorted(original) == sorted(exported)
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    assert (out / "tokenizer.json").exists()
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["model_type"] == family
+    logits = _hf_logits(out, np.load(base / "tokens.npy"))
+    assert np.abs(logits - np.load(base / family / "reference_logits.npy")).max() <= 1e-6
+
+
+def test_moue_model_exports_as_private_expert_copies(tmp_path):
+    """A rotational pool (16 experts, windows of 8, stride 4, so layer 3 wraps around) trained for
+    2 steps: transformers gives moue's logits on the exported Mixtral-format model."""
+    ckpt = tmp_path / "ckpt"
+    run(load_config("examples/configs/tiny_cpu.yaml", [
+        "model.activation=swiglu", "moe.router_state_dim=0", "parallel.ep=1",
+        "model.seq_length=32", "train.steps=2", "train.warmup_steps=1", "train.eval_interval=0",
+        f"checkpoint.dir={ckpt}", f"logging.dir={tmp_path / 'log'}"]))
+    tokens = np.random.default_rng(1).integers(0, 256, size=(2, 17))
+    np.save(tmp_path / "tokens.npy", tokens)
+    evaluate_tokens(str(ckpt), str(tmp_path / "tokens.npy"), [], str(tmp_path / "moue.npy"))
+    export_hf(str(ckpt), str(tmp_path / "hf"), None)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["model_type"], config["num_local_experts"]) == ("mixtral", 8)
+    diff = np.abs(_hf_logits(tmp_path / "hf", tokens) - np.load(tmp_path / "moue.npy")).max()
+    print(f"rotational MoUE exported: max |logit difference| {diff:.2e}")
+    assert diff <= TOL, diff
+
+
+TINY = ["model.num_layers=2", "model.activation=swiglu", "moe.router_state_dim=0",
+        "moe.topology=standard", "moe.num_experts=8"]
+
+
+@pytest.mark.parametrize("overrides, family, message", [
+    (["moe.router_state_dim=8"], None, "trajectory state"),
+    (["model.activation=gelu"], None, "SwiGLU only"),
+    (["moe.shared_experts=1", "moe.shared_expert_gate=true"], "mixtral", "has no shared expert"),
+    (["moe.pre_softmax=true"], "mixtral", "renormalises the top-k"),
+    ([], "llama", "not a family moue writes"),
+])
+def test_models_no_family_holds_are_refused(overrides, family, message):
+    cfg = load_config(None, [*TINY, *overrides])
+    with pytest.raises(UserError, match=message):
+        export_family(cfg, family)
+
+
+def test_export_picks_the_family_that_holds_the_model():
+    pick = lambda *o: export_family(load_config(None, [*TINY, *o]), None).model_type  # noqa: E731
+    assert pick() == "mixtral"
+    assert pick("model.qk_norm=true") == "qwen3_moe"
+    assert pick("moe.shared_experts=2", "moe.shared_expert_gate=true") == "qwen2_moe"
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _edit_tensors(directory: Path, change) -> None:
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+BAD = {
+    "unsupported architecture": (lambda d: _edit_config(d, model_type="llama",
+                                                        architectures=["LlamaForCausalLM"]),
+                                 "not a family moue converts; supported: MixtralForCausalLM"),
+    "no config.json": (lambda d: (d / "config.json").unlink(), "no config.json"),
+    "damaged config.json": (lambda d: (d / "config.json").write_text("{"), "not valid JSON"),
+    "no weights": (lambda d: (d / "model.safetensors").unlink(),
+                   "no model.safetensors nor model.safetensors.index.json"),
+    "missing shard": (lambda d: (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}})),
+        "lists shard(s) model-00002-of-00002.safetensors"),
+    "shapes disagree with config": (lambda d: _edit_config(d, num_key_value_heads=4),
+                                    "but config.json makes it"),
+    "missing tensor": (lambda d: _edit_tensors(d, lambda t: t.pop("model.norm.weight")),
+                       "has no tensor 'model.norm.weight'"),
+    "foreign tensor": (lambda d: _edit_tensors(d, lambda t: t.update(
+        {"model.layers.0.self_attn.o_proj.bias": torch.zeros(32)})), "have no place"),
+    "vocabulary too large": (lambda d: _tokenizer(d, 150), "more than the model's vocab_size=100"),
+    "no tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "no tokenizer.json"),
+    "sliding window": (lambda d: _edit_config(d, use_sliding_window=True, sliding_window=8),
+                       "sliding-window attention"),
+    "rope scaling": (lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn",
+                                                                "rope_theta": 1e4}),
+                     "RoPE scaling 'yarn'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_imports_name_the_problem_and_write_nothing(base, tmp_path, case):
+    source = tmp_path / "hf"
+    shutil.copytree(base / "qwen3_moe" / "hf", source)
+    spoil, message = BAD[case]
+    spoil(source)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        import_hf(str(source), str(out), [])
+    assert not out.exists()
+
+
+def test_bad_import_arguments(base, tmp_path):
+    with pytest.raises(UserError, match="the architecture comes from config.json"):
+        import_hf(str(base / "mixtral" / "hf"), str(tmp_path / "o"), ["model.hidden_size=64"])
+    with pytest.raises(UserError, match="exists; give a new directory"):
+        import_hf(str(base / "mixtral" / "hf"), str(base / "mixtral" / "moue"), [])
+    proc = _cli("convert", "import", "--hf", str(tmp_path / "nowhere"), "--output",
+                str(tmp_path / "o"), expect=2)
+    assert "no such directory" in proc.stderr and not (tmp_path / "o").exists()
