@@ -20,9 +20,12 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from moue.config import load_config  # noqa: E402
 from moue.convert.families import export_family  # noqa: E402
+from moue.convert.hf_format import Tensors, write_tensors  # noqa: E402
 from moue.convert.huggingface import export_hf, import_hf  # noqa: E402
+from moue.run_check import check_run  # noqa: E402
 from moue.training.evaluate import evaluate_tokens  # noqa: E402
-from moue.training.trainer import run  # noqa: E402
+from moue.training.trainer import run, train  # noqa: E402
+from parallel import launch as process_groups  # noqa: E402
 from parallel.errors import UserError  # noqa: E402
 from tests.distributed import launch  # noqa: E402
 
@@ -241,3 +244,40 @@ def test_bad_import_arguments(base, tmp_path):
     proc = _cli("convert", "import", "--hf", str(tmp_path / "nowhere"), "--output",
                 str(tmp_path / "o"), expect=2)
     assert "no such directory" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_imported_checkpoint_trains_on_from_its_weights(base, tmp_path):
+    """moue-pretrain on the imported config resumes at step 0: its first step's loss is
+    transformers' loss on the same batch (the imported weights, before any update)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(base / "qwen3_moe" / "moue", ckpt)
+    cfg = load_config(str(ckpt / "config.yaml"), [
+        f"checkpoint.dir={ckpt}", f"logging.dir={tmp_path / 'log'}", "train.steps=1",
+        "train.warmup_steps=0", "train.eval_interval=0", "train.global_batch_size=4",
+        "train.micro_batch_size=2", "model.seq_length=16"])
+    layout = process_groups.init_distributed(check_run(cfg, 1), device="cpu")
+    try:
+        trainer = train(cfg, layout, torch.device("cpu"))
+        batch = [trainer.train_data[i] for i in range(4)]
+    finally:
+        process_groups.shutdown()
+    step = json.loads((tmp_path / "log" / "metrics.jsonl").read_text().splitlines()[0])
+    tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in batch]).long()
+    labels = torch.stack([torch.as_tensor(s["labels"]) for s in batch]).long()
+    model = transformers.AutoModelForCausalLM.from_pretrained(base / "qwen3_moe" / "hf")
+    with torch.no_grad():
+        logits = model.eval()(tokens).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
+    assert step["step"] == 1 and abs(step["loss"] - loss) <= 1e-5 * loss, (step, loss)
+    assert (ckpt / "step_0000001").is_dir()
+
+
+def test_sharded_weights_are_read_and_written(tmp_path):
+    tensors = {f"t{i}": torch.full((64,), float(i)) for i in range(5)}
+    write_tensors(tmp_path, tensors, shard_bytes=600)  # 256 bytes each: 2 per shard
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [
+        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    read = Tensors(tmp_path)
+    assert read.names() == set(tensors)
+    assert all(torch.equal(read.get(n), t) for n, t in tensors.items())
