@@ -49,6 +49,7 @@ def test_released_architecture_options_train_alike_under_every_layout(layout):
 
 def test_released_architecture_options_reach_the_modules():
     run = launch(CASES, 1)["options_reach_the_modules"][0]
+    assert run["head_dim"] == 12  # model.head_dim, not hidden / heads = 8
     assert run["inv_freq_1"] == pytest.approx(1e6 ** (-2 / run["head_dim"]), rel=1e-6)
     assert run["final_norm_eps"] == 1e-6
     assert run["q_norm_size"] == run["head_dim"]  # one norm over each head's dimension

@@ -75,8 +75,8 @@ def _options_reach_the_modules() -> dict:
     init_model_parallel(lay)
     model = moue_builder(tiny(*OPTIONS))(lay, 1).model
     attention = model.decoder.layers[0].self_attention
-    kv = model.config.hidden_size // model.config.num_attention_heads
-    return {"inv_freq_1": model.rotary_pos_emb.inv_freq[1].item(), "head_dim": kv,
+    return {"inv_freq_1": model.rotary_pos_emb.inv_freq[1].item(),
+            "head_dim": model.config.kv_channels,
             "hidden": model.config.hidden_size,
             "final_norm_eps": model.decoder.final_layernorm.eps,
             "q_norm_size": attention.q_layernorm.weight.numel(),
