@@ -45,7 +45,7 @@ test-compat: $(COMPAT_VENV)/.installed
 $(COMPAT_VENV)/.installed: pyproject.toml
 	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -c "import torch" 2>/dev/null || $(COMPAT_VENV)/bin/python -m pip install "$(TORCH)"
-	$(COMPAT_VENV)/bin/python -m pip install "numpy<2.5" packaging tensorboard pyyaml tqdm psutil "tokenizers>=0.20" "sentencepiece>=0.2" matplotlib "pytest>=8"
+	$(COMPAT_VENV)/bin/python -m pip install "numpy<2.5" packaging tensorboard pyyaml tqdm psutil "tokenizers>=0.20" "sentencepiece>=0.2" "safetensors>=0.4" matplotlib "pytest>=8"
 	$(COMPAT_VENV)/bin/python -m pip install --no-deps --ignore-requires-python "$(COMPAT_MCORE)"
 	$(COMPAT_VENV)/bin/python -m pip install --no-deps -e .
 	touch $@
