@@ -82,7 +82,7 @@ def _rope_base(hf: dict, where: str) -> float:
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
-def _moe_layers(hf: dict, family: Family, where: str) -> int:
+def _moe_layers(hf: dict, where: str) -> int:
     """``model.moe_layer_freq`` for the config's sparse layers (every k-th, from layer 0)."""
     layers = hf["num_hidden_layers"]
     step = hf.get("decoder_sparse_step", 1)
@@ -108,7 +108,7 @@ def moue_sections(hf: dict, family: Family, where: str) -> dict:
     layers, hidden = _field(hf, "num_hidden_layers", where), _field(hf, "hidden_size", where)
     heads = _field(hf, "num_attention_heads", where)
     head_dim = hf.get("head_dim") or hidden // heads
-    freq = _moe_layers(hf, family, where)
+    freq = _moe_layers(hf, where)
     n = _field(hf, family.experts_key, where, hf.get("num_experts", hf.get("num_local_experts")))
     expert_size = _field(hf, family.expert_size_key, where)
     shared = (hf.get("shared_expert_intermediate_size") or 0) if family.shared_expert else 0
