@@ -197,6 +197,7 @@ examples:
   moue-eval --load runs/qwen3 --tokens tokens.npy --logits logits.npy
   moue-convert export --load runs/qwen3 --hf-output runs/qwen3-hf
   moue-convert export --load runs/moue --hf-output runs/moue-hf --family mixtral
+  moue-convert widen --load runs/qwen3 --output runs/qwen3-moue --window 256 --steps 1000
 
 Supported families: Mixtral, Qwen2-MoE, Qwen3-MoE (docs/conversion.md). Both directions run as
 one CPU process holding the whole model in fp32.
@@ -208,7 +209,8 @@ def convert_parser() -> argparse.ArgumentParser:
         prog="moue-convert", description="Convert checkpoints: a Hugging Face MoE model into a "
         "moue checkpoint (standard topology), or a moue checkpoint into a Hugging Face model.",
         epilog=CONVERT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="import|export")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="import|export|widen")
     imp = commands.add_parser("import", help="a Hugging Face directory -> a moue checkpoint",
                               description="A Hugging Face directory (config.json, *.safetensors, "
                               "tokenizer) -> a moue checkpoint directory with config.yaml.")
@@ -226,6 +228,20 @@ def convert_parser() -> argparse.ArgumentParser:
     exp.add_argument("--hf-output", required=True, metavar="DIR", help="a new directory")
     exp.add_argument("--family", metavar="NAME", help="mixtral, qwen2_moe or qwen3_moe "
                      "(default: the first that can hold the model)")
+    wid = commands.add_parser("widen", help="a standard-topology checkpoint -> a progressively "
+                              "widened MoUE", description="A standard-topology moue checkpoint "
+                              "-> a rotational MoUE whose layers open the rest of their window "
+                              "over --steps steps (the same outputs at step 0).")
+    wid.add_argument("--load", required=True, metavar="CKPT",
+                     help="a checkpoint.dir (its 'latest' is used) or one step_N directory")
+    wid.add_argument("--output", required=True, metavar="CKPT", help="a new directory")
+    wid.add_argument("--window", required=True, type=int, metavar="W",
+                     help="experts per layer's window after widening (> experts per layer now)")
+    wid.add_argument("--steps", required=True, type=int, metavar="R",
+                     help="training steps over which the new experts open")
+    wid.add_argument("overrides", nargs="*", metavar="section.key=value",
+                     help="settings of the written config.yaml (layout, train, data, ...), and "
+                     "moe.router_state_dim=D to add the trajectory state")
     return parser
 
 
@@ -234,7 +250,13 @@ def convert(argv: list[str] | None = None) -> int:
     try:
         from moue.convert.huggingface import export_hf, import_hf
 
-        if args.command == "import":
+        if args.command == "widen":
+            from moue.convert.widen import widen
+
+            out = widen(args.load, args.output, args.window, args.steps, args.overrides)
+            print(f"moue-convert: wrote {out}; train it with moue-pretrain --config "
+                  f"{out / 'config.yaml'}")
+        elif args.command == "import":
             out = import_hf(args.hf, args.output, args.overrides)
             print(f"moue-convert: wrote {out}; continue training with moue-pretrain --config "
                   f"{out / 'config.yaml'}, evaluate with moue-eval --load {out}")

@@ -125,6 +125,10 @@ class MoEConfig(Section):
     ep_balance_groups: int = 0  # groups (pool expert e in group e mod G); 0: parallel.ep
     eligibility: list | None = None  # explicit topology: each MoE layer's pool ids
     expert_impl: str = "auto"  # auto | sequential | grouped (parallel.capability)
+    # Progressive widening (moue-convert widen, docs/conversion.md): layer l's own experts are
+    # [l*widen_block, (l+1)*widen_block); the rest of its window opens over widen_steps steps.
+    widen_block: int = 0  # 0: no widening
+    widen_steps: int = 0
 
     def _validate(self):
         positive("moe", self, "num_experts", "expert_ffn_hidden_size", "topk", "window",
@@ -144,6 +148,16 @@ class MoEConfig(Section):
         check(self.shared_experts > 0 or not self.shared_expert_gate, "moe.shared_expert_gate",
               self.shared_expert_gate, "gates the shared experts: set moe.shared_experts > 0, "
               "or leave the gate off")
+        for n in ("widen_block", "widen_steps"):
+            check(getattr(self, n) >= 0, f"moe.{n}", getattr(self, n), "must be an integer >= 0")
+        if self.widen_block:
+            check(self.topology == "rotational" and self.stride == self.widen_block
+                  and self.window >= self.widen_block, "moe.widen_block", self.widen_block,
+                  "widens a standard model into moe.topology=rotational with moe.stride = "
+                  "widen_block (each layer's window starts at its own block) and moe.window >= "
+                  "widen_block; moue-convert widen writes such a config")
+            check(self.widen_steps >= 1, "moe.widen_steps", self.widen_steps,
+                  "must be >= 1 (the steps over which the new experts open) with moe.widen_block")
         check((self.eligibility is not None) == (self.topology == "explicit"), "moe.eligibility",
               self.eligibility, "is set with moe.topology=explicit (one list of pool ids per MoE "
               "layer) and only then")
@@ -287,7 +301,8 @@ class LoggingConfig(Section):
 # moe fields that steer training but do not change what the weights mean: a run may resume from a
 # checkpoint with other values.
 TRAINING_KNOBS = ("balance", "balance_coeff", "aux_free_rate", "z_loss_coeff", "dispatcher",
-                  "ep_balance_coeff", "ep_balance_groups", "expert_impl")
+                  "ep_balance_coeff", "ep_balance_groups", "expert_impl", "widen_block",
+                  "widen_steps")
 # model fields that do not decide the weights (checkpoints move between them): the kernels, and
 # the sequence length (RoPE has no learned positions; moue-eval --tokens evaluates any length)
 IMPLEMENTATION_KNOBS = ("transformer_impl", "seq_length")
@@ -323,6 +338,11 @@ class RunConfig:
         else:  # built once per run; checks every rule of the pool's shape
             moe = self.moe
             groups = moe.ep_balance_groups
+            check(not moe.widen_block
+                  or moe.num_experts == moe.widen_block * len(self.model.moe_layers),
+                  "moe.widen_block", moe.widen_block, f"times the {len(self.model.moe_layers)} "
+                  f"MoE layers must equal moe.num_experts={moe.num_experts} (every layer owns "
+                  "one block of the pool)")
             check(not groups or moe.num_experts % groups == 0, "moe.ep_balance_groups", groups,
                   f"must divide moe.num_experts={moe.num_experts} (or 0 for parallel.ep)")
             ranks = self.logging.ep_balance_ranks

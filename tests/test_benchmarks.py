@@ -94,3 +94,11 @@ def test_elastic_benchmark_trains_plain_and_elastic_and_tables_their_families(tm
         assert abs(run["family"][0]["loss"] - run["val_loss"]) < 1e-5 * run["val_loss"]
     assert all(len(r["step_times"]) > 1 for r in runs if r["variant"] != "plain")
     assert "ERNIE 5.0 ablation form" in proc.stdout and "| depth (4L / 3L) |" in proc.stdout
+
+
+def test_conversion_benchmark_continues_base_as_moe_and_widened_moue(tmp_path):
+    proc, figures = _smoke("benchmarks/conversion.py", tmp_path)
+    assert [(r["variant"], r["seed"]) for r in figures["runs"]] == [
+        (v, 1234) for v in ("moe", "widened", "widened-state", "moue-scratch")]
+    assert all(r["val_loss"] > 0 for r in figures["runs"])
+    assert "| widened: widened to windows of 2N |" in proc.stdout

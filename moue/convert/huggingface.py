@@ -45,7 +45,7 @@ from parallel.errors import UserError
 DEFAULT_SEQ_LENGTH = 4096  # of the written config, at most max_position_embeddings
 
 
-def _new_output(output: str, flag: str) -> tuple[Path, Path]:
+def new_output(output: str, flag: str) -> tuple[Path, Path]:
     """The output path (must not exist) and its hidden staging twin; one process only."""
     out = Path(output)
     if out.exists():
@@ -71,7 +71,7 @@ def _check_overrides(overrides: list[str]) -> None:
 def import_hf(hf_dir: str, output: str, overrides: list[str]) -> Path:
     """Convert the Hugging Face directory ``hf_dir`` into the moue checkpoint ``output``."""
     source = Path(hf_dir)
-    out, tmp = _new_output(output, "--output")
+    out, tmp = new_output(output, "--output")
     _check_overrides(overrides)
     hf = read_config(source)
     where = str(source / CONFIG)
@@ -134,7 +134,7 @@ def _with_source_fields(path: Path, hf: dict) -> dict:
 def export_hf(load: str, output: str, family_name: str | None) -> tuple[Path, str]:
     """Write checkpoint ``load`` as a Hugging Face directory ``output``; returns it and the
     family written."""
-    out, tmp = _new_output(output, "--hf-output")
+    out, tmp = new_output(output, "--hf-output")
     path = checkpoint.resolve(load)
     saved = checkpoint.saved_config(path)["config"]
     cfg = load_config(None, [*SINGLE, "checkpoint.dir=null"], base=saved)

@@ -49,7 +49,8 @@ def build_model(model_cfg: ModelConfig, moe: MoEConfig, topology: Topology | Non
                            balance=build_balance(moe.balance, topology, moe.balance_coeff,
                                                  moe.aux_free_rate, moe.ep_balance_coeff,
                                                  moe.ep_balance_groups or pg_collection.ep.size()),
-                           embedding=embedding, moe_layer_freq=model_cfg.moe_layer_freq)
+                           embedding=embedding, moe_layer_freq=model_cfg.moe_layer_freq,
+                           widen_block=moe.widen_block)
     experts_factory = None
 
     def remember_factory(experts_spec):

@@ -76,6 +76,10 @@ class SharedRouting:
     embedding: UniversalEmbedding | None  # None when router_state_dim == 0
     moe_layer_freq: int
     elastic: ElasticRouting = field(default_factory=ElasticRouting)
+    # Progressive widening (moue.model.widening): the own block's size (0: off) and the step's
+    # opening of the rest of the window, 0 (closed) .. 1 (open).
+    widen_block: int = 0
+    widen_scale: float = 1.0
 
 
 def _biased_topk(logits_TE, bias_E, topk, score_function):
@@ -109,6 +113,8 @@ class UniversalRouter(TopKRouter):
                              persistent=False)
         self.register_buffer("eligible_W", torch.zeros(topology.window, dtype=torch.long),
                              persistent=False)
+        self.register_buffer("foreign_W", torch.zeros(topology.window, dtype=torch.bool),
+                             persistent=False)  # widening: window experts outside the own block
         self.state_in: torch.Tensor | None = None
         self.state_out: torch.Tensor | None = None
 
@@ -131,16 +137,23 @@ class UniversalRouter(TopKRouter):
                              f"{self.shared.moe_layer_freq}")
         self.moe_index = layer_index // self.shared.moe_layer_freq
         self.eligible_W.copy_(self.shared.topology.eligible(self.moe_index))
+        block = self.shared.widen_block
+        if block:
+            self.foreign_W.copy_(self.eligible_W // block != self.moe_index)
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """Logits over the pool [s, b, E]; only this layer's window (and kept experts) finite."""
         logits_sbW = router_gating_linear(input, self.weight, None, torch.float32)
+        scale = self.shared.widen_scale if self.shared.widen_block else 1.0
         if self.state_dim:
             if self.state_in is None:
                 raise RuntimeError("UniversalRouter: the trajectory state was not set; the router "
                                    "runs inside moue.model.layer.MoUETransformerLayer")
             u_WD = self.shared.embedding.weight[self.eligible_W].float()
-            logits_sbW = logits_sbW + self.state_in.float() @ u_WD.t()
+            logits_sbW = logits_sbW + scale * (self.state_in.float() @ u_WD.t())
+        if scale < 1.0:  # widening: the foreign experts' scores x scale (closed at 0)
+            offset = math.log(scale) if scale > 0 else MASKED
+            logits_sbW = logits_sbW + offset * self.foreign_W.to(logits_sbW.dtype)
         logits_sbE = logits_sbW.new_full((*logits_sbW.shape[:-1], self.shared.topology.num_experts),
                                          MASKED)
         logits_sbE = logits_sbE.index_copy(-1, self.eligible_W, logits_sbW)

@@ -91,8 +91,9 @@ def loaded_trainer(path: Path | None, cfg: RunConfig, layout, env, device: str =
         launch.seed_everything(cfg.train.seed)
         trainer = Trainer(cfg, layout, launch.resolve_device(device))
         if path is not None:
-            checkpoint.load_checkpoint(path, model=trainer.model.module, optimizer=None,
-                                       run_config=cfg, pg_collection=trainer.pg)
+            extra = checkpoint.load_checkpoint(path, model=trainer.model.module, optimizer=None,
+                                               run_config=cfg, pg_collection=trainer.pg)
+            trainer.state.step = extra["state"]["step"]  # what depends on it: widening
         yield trainer
     finally:
         launch.shutdown()

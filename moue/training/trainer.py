@@ -39,6 +39,7 @@ from moue.model.builder import balance_modules, build_model, pipeline_shapes
 from moue.model.init import init_by_global_key
 from moue.model.megatron_config import top1_post_softmax, transformer_config
 from moue.model.size import flops_per_token
+from moue.model.widening import set_widening
 from moue.run_check import check_run, plan_run
 from moue.training import checkpoint
 from moue.training.engine import build_engine
@@ -201,6 +202,8 @@ class Trainer:
                       forward_step=_forward_step) -> float:
         shapes = (pipeline_shapes(self.cfg.moe.router_state_dim)
                   if self.layout.pp > 1 and not self.cfg.model.dense else None)
+        if self.cfg.moe.widen_block and not self.cfg.model.dense:
+            set_widening([self.model], self.state.step, self.cfg.moe.widen_steps)
         losses = self.engine.forward_backward(
             forward_step, self._microbatches(dataset, first_sample),
             num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
