@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moue.config import load_config
+from moue.convert.huggingface import export_hf
 from moue.convert.widen import widen
 from moue.model.widening import widen_scale
 from moue.run_check import check_run
@@ -113,6 +114,12 @@ def test_bad_widening_requests(base, tmp_path, window, overrides, message):
     with pytest.raises(UserError, match=message):
         widen(str(base / "std"), str(tmp_path / "out"), window, 4, overrides)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_waits_for_the_end_of_the_ramp(base, tmp_path):
+    with pytest.raises(UserError, match="step 0 of a widening ramp of 4 steps"):
+        export_hf(str(base / "wide"), str(tmp_path / "hf"), None)
+    assert not (tmp_path / "hf").exists()
 
 
 def test_only_standard_checkpoints_widen(base, tmp_path):

@@ -142,6 +142,10 @@ def export_hf(load: str, output: str, family_name: str | None) -> tuple[Path, st
     with loaded_trainer(path, cfg, check_run(cfg, 1), launch.read_launch_env(),
                         device="cpu") as trainer:
         module = trainer.model.module
+        if cfg.moe.widen_block and trainer.state.step < cfg.moe.widen_steps:
+            raise UserError(f"--load {load}: step {trainer.state.step} of a widening ramp of "
+                            f"{cfg.moe.widen_steps} steps: the new experts are only partly open, "
+                            "which no Hugging Face router expresses; export once the ramp is over")
         bias = module.decoder.pool_balance.selection_bias()
         if bias is not None and bool(bias.any()):
             raise UserError(f"--load {load}: the aux_free balance's selection bias is non-zero "
