@@ -34,6 +34,13 @@ def _clean_env(**extra) -> dict:
     return env
 
 
+def _terminal_signals() -> None:
+    """SIGINT at its default in the child, as a terminal's shell has it. A shell cannot trap a
+    signal that was ignored when it started, and a test process may be running with SIGINT
+    ignored (the full suite showed it): the script would then never see the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _steps(log_dir: Path) -> list[int]:
     path = log_dir / "metrics.jsonl"
     if not path.exists():
@@ -64,7 +71,7 @@ def test_cpu_script_runs_in_a_fresh_shell_and_stops_cleanly_on_ctrl_c(tmp_path):
         ["bash", "examples/scripts/train_cpu_2proc.sh", "train.steps=500", *SHORT,
          f"logging.dir={run_dir}", f"checkpoint.dir={run_dir / 'ckpt'}"],
         cwd=ROOT, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        start_new_session=True, preexec_fn=_terminal_signals)
     deadline = time.time() + 240
     while len(_steps(run_dir)) < 2 and time.time() < deadline and script.poll() is None:
         time.sleep(0.1)
