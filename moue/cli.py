@@ -193,32 +193,42 @@ def export(argv: list[str] | None = None) -> int:
 CONVERT_EPILOG = """\
 examples:
   moue-convert import --hf ~/models/Qwen3-30B-A3B --output runs/qwen3
+  moue-convert import --megatron ~/megatron/checkpoints/moe --output runs/moe \
+      --tokenizer ~/tokenizers/tokenizer.json
   moue-pretrain --config runs/qwen3/config.yaml data.mock=false data.path=data/web   # continue
   moue-eval --load runs/qwen3 --tokens tokens.npy --logits logits.npy
   moue-convert export --load runs/qwen3 --hf-output runs/qwen3-hf
   moue-convert export --load runs/moue --hf-output runs/moue-hf --family mixtral
   moue-convert widen --load runs/qwen3 --output runs/qwen3-moue --window 256 --steps 1000
 
-Supported families: Mixtral, Qwen2-MoE, Qwen3-MoE (docs/conversion.md). Both directions run as
-one CPU process holding the whole model in fp32.
+Supported: Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE; Megatron-LM torch_dist MoE checkpoints
+(docs/conversion.md). Every command runs as one CPU process holding the whole model in fp32.
 """
 
 
 def convert_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moue-convert", description="Convert checkpoints: a Hugging Face MoE model into a "
-        "moue checkpoint (standard topology), or a moue checkpoint into a Hugging Face model.",
+        prog="moue-convert", description="Convert checkpoints: a Hugging Face or Megatron-LM MoE "
+        "model into a moue checkpoint (standard topology), a moue checkpoint into a Hugging Face "
+        "model, or a standard one into a widened MoUE.",
         epilog=CONVERT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True,
                                      metavar="import|export|widen")
-    imp = commands.add_parser("import", help="a Hugging Face directory -> a moue checkpoint",
-                              description="A Hugging Face directory (config.json, *.safetensors, "
-                              "tokenizer) -> a moue checkpoint directory with config.yaml.")
-    imp.add_argument("--hf", required=True, metavar="DIR", help="the Hugging Face directory")
+    imp = commands.add_parser("import", help="a Hugging Face or Megatron-LM MoE -> a moue "
+                              "checkpoint", description="A Hugging Face directory (config.json, "
+                              "*.safetensors, tokenizer) or a Megatron-LM torch_dist checkpoint "
+                              "-> a moue checkpoint directory with config.yaml.")
+    source = imp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", metavar="DIR", help="the Hugging Face directory")
+    source.add_argument("--megatron", metavar="DIR", help="Megatron-LM's --save directory "
+                        "(latest_checkpointed_iteration.txt names the iteration) or one iter_N")
+    imp.add_argument("--tokenizer", metavar="PATH", help="with --megatron: the run's "
+                     "tokenizer.json or .model, or 'byte' (default: the run's tokenizer_model "
+                     "when it is such a file here)")
     imp.add_argument("--output", required=True, metavar="CKPT", help="a new directory")
     imp.add_argument("overrides", nargs="*", metavar="section.key=value",
                      help="settings of the written config.yaml, e.g. model.seq_length=2048 "
-                     "parallel.ep=8 train.lr=1e-4 (the architecture comes from config.json)")
+                     "parallel.ep=8 train.lr=1e-4 (the architecture comes from the source)")
     exp = commands.add_parser("export", help="a moue checkpoint -> a Hugging Face directory",
                               description="A moue checkpoint whose routers have no trajectory "
                               "state -> a Hugging Face directory (safetensors, config.json, "
@@ -257,7 +267,15 @@ def convert(argv: list[str] | None = None) -> int:
             print(f"moue-convert: wrote {out}; train it with moue-pretrain --config "
                   f"{out / 'config.yaml'}")
         elif args.command == "import":
-            out = import_hf(args.hf, args.output, args.overrides)
+            if args.megatron:
+                from moue.convert.megatron_lm import import_megatron
+
+                out = import_megatron(args.megatron, args.output, args.overrides, args.tokenizer)
+            elif args.tokenizer:
+                raise UserError("--tokenizer goes with --megatron; a Hugging Face import takes "
+                                "the directory's own tokenizer.json")
+            else:
+                out = import_hf(args.hf, args.output, args.overrides)
             print(f"moue-convert: wrote {out}; continue training with moue-pretrain --config "
                   f"{out / 'config.yaml'}, evaluate with moue-eval --load {out}")
         else:

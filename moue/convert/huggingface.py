@@ -19,13 +19,9 @@ name only once complete.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import yaml
-
-from data_tools.tokenizer import load_tokenizer
-from moue.config import IMPLEMENTATION_KNOBS, TRAINING_KNOBS, load_config
+from moue.config import load_config
 from moue.convert.families import export_family, family_of, hf_config, moue_sections, to_hf, to_moue
 from moue.convert.hf_format import (
     CONFIG,
@@ -35,6 +31,7 @@ from moue.convert.hf_format import (
     tokenizer_file,
     write_tensors,
 )
+from moue.convert.importing import check_overrides, check_tokenizer, new_output, write_imported
 from moue.elastic.export import SINGLE
 from moue.run_check import check_run
 from moue.training import checkpoint
@@ -45,34 +42,11 @@ from parallel.errors import UserError
 DEFAULT_SEQ_LENGTH = 4096  # of the written config, at most max_position_embeddings
 
 
-def new_output(output: str, flag: str) -> tuple[Path, Path]:
-    """The output path (must not exist) and its hidden staging twin; one process only."""
-    out = Path(output)
-    if out.exists():
-        raise UserError(f"{flag} {out}: exists; give a new directory (nothing is overwritten)")
-    if launch.read_launch_env().world_size != 1:
-        raise UserError("moue-convert runs as one process (it holds the whole model); run it "
-                        "without torchrun")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out, tmp
-
-
-def _check_overrides(overrides: list[str]) -> None:
-    free = {f"model.{k}" for k in IMPLEMENTATION_KNOBS} | {f"moe.{k}" for k in TRAINING_KNOBS}
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        if key.split(".", 1)[0] in ("model", "moe") and key not in free:
-            raise UserError(f"override {item!r}: the architecture comes from config.json; "
-                            f"override {', '.join(sorted(free))}, or the parallel, train, "
-                            "data, checkpoint or logging sections")
-
-
 def import_hf(hf_dir: str, output: str, overrides: list[str]) -> Path:
     """Convert the Hugging Face directory ``hf_dir`` into the moue checkpoint ``output``."""
     source = Path(hf_dir)
     out, tmp = new_output(output, "--output")
-    _check_overrides(overrides)
+    check_overrides(overrides, "config.json")
     hf = read_config(source)
     where = str(source / CONFIG)
     family = family_of(hf, where)
@@ -83,36 +57,12 @@ def import_hf(hf_dir: str, output: str, overrides: list[str]) -> Path:
     if tok is None:
         raise UserError(f"--hf {source}: no tokenizer.json nor tokenizer.model; copy the model's "
                         "tokenizer files into it (moue tokenizes training data with them)")
-    vocab = load_tokenizer(str(tok)).vocab_size
-    if vocab > tree["model"]["vocab_size"]:
-        raise UserError(f"{tok}: {vocab} tokens, more than the model's vocab_size="
-                        f"{tree['model']['vocab_size']} in {where}; the tokenizer belongs to "
-                        "another model: use the checkpoint's own")
+    check_tokenizer(str(tok), tree["model"]["vocab_size"], where)
     tensors = Tensors(source)
-    final = out.resolve()
-    target = load_config(None, overrides, base={
-        **tree, "data": {"mock": True, "tokenizer": str(final / tok.name)},
-        "checkpoint": {"dir": str(final)}})
-    check_run(target)
-    single = load_config(None, [*SINGLE, f"checkpoint.dir={tmp}", f"data.tokenizer={tok}"],
-                         base=tree)
-    with loaded_trainer(None, single, check_run(single, 1), launch.read_launch_env(),
-                        device="cpu") as trainer:
-        module = trainer.model.module
-        expected = module.state_dict()
-        state = to_moue(tensors, single, family, expected)
-        module.load_state_dict({**expected, **state})
-        checkpoint.init_optimizer_state(trainer.optimizer)
-        tmp.mkdir(parents=True)
-        trainer.save()
-    (tmp / "config.yaml").write_text(yaml.safe_dump(target.to_dict(), sort_keys=False,
-                                                     default_flow_style=None))
-    copy_tokenizer(source, tmp)
-    (tmp / "source.json").write_text(json.dumps(
-        {"huggingface": str(source.resolve()), "family": family.model_type, "config": hf},
-        indent=2) + "\n")
-    tmp.rename(out)
-    return out
+    return write_imported(
+        out, tmp, tree, str(tok), overrides,
+        lambda cfg, module: to_moue(tensors, cfg, family, module.state_dict()),
+        {"huggingface": str(source.resolve()), "family": family.model_type, "config": hf})
 
 
 def _with_source_fields(path: Path, hf: dict) -> dict:

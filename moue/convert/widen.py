@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from moue.config import RunConfig, load_config
-from moue.convert.huggingface import new_output
+from moue.convert.importing import new_output
 from moue.elastic.export import SINGLE
 from moue.run_check import check_run
 from moue.training import checkpoint

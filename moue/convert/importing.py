@@ -1,0 +1,95 @@
+"""What every import writes: a moue checkpoint directory of the standard topology, staged under
+a hidden name and renamed only once complete.
+
+The directory holds ``step_0000000`` (the weights, a fresh optimizer), ``latest``,
+``config.yaml`` (``checkpoint.dir`` is the directory itself, ``data.mock=true`` until a dataset
+is given, ``data.tokenizer`` the copied tokenizer), the tokenizer files and ``source.json``
+(where the weights came from). Importers differ only in how they read the source's
+architecture (the ``model`` and ``moe`` sections) and its weights (``fill``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+
+from data_tools.tokenizer import load_tokenizer
+from moue.config import IMPLEMENTATION_KNOBS, TRAINING_KNOBS, RunConfig, load_config
+from moue.convert.hf_format import copy_tokenizer
+from moue.elastic.export import SINGLE
+from moue.run_check import check_run
+from moue.training import checkpoint
+from moue.training.evaluate import loaded_trainer
+from parallel import launch
+from parallel.errors import UserError
+
+
+def new_output(output: str, flag: str) -> tuple[Path, Path]:
+    """The output path (must not exist) and its hidden staging twin; one process only."""
+    out = Path(output)
+    if out.exists():
+        raise UserError(f"{flag} {out}: exists; give a new directory (nothing is overwritten)")
+    if launch.read_launch_env().world_size != 1:
+        raise UserError("moue-convert runs as one process (it holds the whole model); run it "
+                        "without torchrun")
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out, tmp
+
+
+def check_overrides(overrides: list[str], source: str) -> None:
+    """Refuse overrides of the architecture, which comes from ``source``."""
+    free = {f"model.{k}" for k in IMPLEMENTATION_KNOBS} | {f"moe.{k}" for k in TRAINING_KNOBS}
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key.split(".", 1)[0] in ("model", "moe") and key not in free:
+            raise UserError(f"override {item!r}: the architecture comes from {source}; "
+                            f"override {', '.join(sorted(free))}, or the parallel, train, "
+                            "data, checkpoint or logging sections")
+
+
+def check_tokenizer(tokenizer: str, vocab_size: int, where: str) -> None:
+    """A tokenizer whose ids all fit the model's embedding (``where`` names the vocab's source)."""
+    vocab = load_tokenizer(tokenizer).vocab_size
+    if vocab > vocab_size:
+        raise UserError(f"{tokenizer}: {vocab} tokens, more than the model's vocab_size="
+                        f"{vocab_size} in {where}; the tokenizer belongs to another model: use "
+                        "the checkpoint's own")
+
+
+def write_imported(out: Path, tmp: Path, tree: dict, tokenizer: str, overrides: list[str],
+                   fill: Callable[[RunConfig, torch.nn.Module], dict], source: dict) -> Path:
+    """Write the checkpoint of ``tree`` (the ``model`` and ``moe`` sections) to ``out``.
+
+    ``tokenizer`` is ``byte`` or a tokenizer file, copied with its known siblings;
+    ``fill(cfg, module)`` returns the weights as moue's one-process state_dict for ``module``
+    (the built model, freshly initialised); ``source`` is written as ``source.json``.
+    """
+    final = out.resolve()
+    tok = None if tokenizer == "byte" else Path(tokenizer)
+    target = load_config(None, overrides, base={
+        **tree, "data": {"mock": True, "tokenizer": str(final / tok.name) if tok else "byte"},
+        "checkpoint": {"dir": str(final)}})
+    check_run(target)
+    single = load_config(None, [*SINGLE, f"checkpoint.dir={tmp}", f"data.tokenizer={tokenizer}"],
+                         base=tree)
+    with loaded_trainer(None, single, check_run(single, 1), launch.read_launch_env(),
+                        device="cpu") as trainer:
+        module = trainer.model.module
+        module.load_state_dict({**module.state_dict(), **fill(single, module)})
+        checkpoint.init_optimizer_state(trainer.optimizer)
+        tmp.mkdir(parents=True)
+        trainer.save()
+    (tmp / "config.yaml").write_text(yaml.safe_dump(target.to_dict(), sort_keys=False,
+                                                     default_flow_style=None))
+    if tok is not None:
+        if tok.name not in copy_tokenizer(tok.parent, tmp):
+            shutil.copyfile(tok, tmp / tok.name)
+    (tmp / "source.json").write_text(json.dumps(source, indent=2, default=str) + "\n")
+    tmp.rename(out)
+    return out
