@@ -36,8 +36,9 @@ def _clean_env(**extra) -> dict:
 
 def _terminal_signals() -> None:
     """SIGINT at its default in the child, as a terminal's shell has it. A shell cannot trap a
-    signal that was ignored when it started, and a test process may be running with SIGINT
-    ignored (the full suite showed it): the script would then never see the Ctrl-C."""
+    signal that was ignored when it started, and pytest runs with SIGINT ignored whenever it was
+    started as a background job of a non-interactive shell (``make test &``, as CI harnesses do:
+    POSIX shells start asynchronous commands so): the script would then never see the Ctrl-C."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
