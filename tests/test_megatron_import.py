@@ -91,10 +91,13 @@ def test_import_gives_megatrons_logits(base, variant):
     assert (ckpt / "tokenizer.json").exists() and (ckpt / "source.json").exists()
 
 
-@pytest.mark.parametrize("variant, layout", [("gqa", "tp2"), ("gqa", "pp2"), ("shared", "ep2")])
+@pytest.mark.parametrize("variant, layout", [("gqa", "tp2"), ("gqa", "pp2"), ("shared", "ep2"),
+                                             ("gqa", "grouped_ep2")])
 def test_every_saving_layout_gives_the_same_weights(base, tmp_path, variant, layout):
-    keys = launch("tests.cases.megatron_checkpoints", 2,
-                  env_vars=(("MOUE_MEGATRON_DIR", str(base)),))[f"save[{variant}-{layout}]"][0]
+    saved = launch("tests.cases.megatron_checkpoints", 2,
+                   env_vars=(("MOUE_MEGATRON_DIR", str(base)),))[f"save[{variant}-{layout}]"][0]
+    keys = saved["keys"]
+    assert saved["experts"] == ("TEGroupedMLP" if layout.startswith("grouped") else "SequentialMLP")
     if layout == "pp2":  # the fixture wrote what it claims
         assert "decoder.layers.pre_mlp_layernorm.weight" in keys
     if layout == "ep2":

@@ -12,7 +12,10 @@ from those arguments (``core_transformer_config_from_args``: fields of the same 
 layer spec. Every layout holds the same weights (drawn per global key). The EP=2 save uses
 per-expert keys (``singleton_local_shards``); the PP=2 save spells the MoE layers' pre-MLP norm
 as Transformer Engine's layers do (``pre_mlp_layernorm.weight``). The one-process save also
-writes Megatron's logits of ``tokens.npy``.
+writes Megatron's logits of ``tokens.npy``. The ``grouped_ep2`` save has Megatron's grouped
+experts (``TEGroupedMLP``, as ``--moe-grouped-gemm`` builds on GPUs) with torch's grouped GEMM
+standing in for Transformer Engine's ``GroupedLinear`` (``moue.model.grouped_linear``, which
+keeps TE's checkpoint layout), so that Megatron's grouped-to-per-expert mapping is what saves.
 """
 
 import argparse
@@ -29,6 +32,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from moue.model.layer_specs import submodules_of, torch_grouped_experts_spec
 from parallel.launch import init_model_parallel, seed_everything
 from parallel.layout import ParallelLayout
 from tests.distributed import Cases
@@ -56,8 +60,9 @@ VARIANTS = {
                    qk_layernorm=True, add_qkv_bias=True, moe_router_score_function="sigmoid",
                    moe_router_pre_softmax=False),
 }
-LAYOUTS = {"single": (1, 1, 1), "tp2": (2, 1, 1), "pp2": (1, 2, 1), "ep2": (1, 1, 2)}
-SAVES = {"gqa": ("single", "tp2", "pp2"), "shared": ("single", "ep2")}
+LAYOUTS = {"single": (1, 1, 1), "tp2": (2, 1, 1), "pp2": (1, 2, 1), "ep2": (1, 1, 2),
+           "grouped_ep2": (1, 1, 2)}
+SAVES = {"gqa": ("single", "tp2", "pp2", "grouped_ep2"), "shared": ("single", "ep2")}
 
 
 def megatron_args(variant: str, tokenizer_model: str) -> argparse.Namespace:
@@ -89,7 +94,7 @@ def _te_spelling(sharded: dict) -> dict:
     return sharded
 
 
-def _save(variant: str, layout_name: str) -> list[str]:
+def _save(variant: str, layout_name: str) -> dict:
     base = Path(os.environ["MOUE_MEGATRON_DIR"])
     args = megatron_args(variant, str(base / "tokenizer"))
     tp, pp, ep = LAYOUTS[layout_name]
@@ -97,8 +102,12 @@ def _save(variant: str, layout_name: str) -> list[str]:
     init_model_parallel(layout)
     seed_everything(1)
     config = _transformer_config(args, layout)
-    model = GPTModel(config=config,
-                     transformer_layer_spec=get_gpt_decoder_block_spec(config, False),
+    spec = get_gpt_decoder_block_spec(config, False)
+    if layout_name.startswith("grouped"):  # --moe-grouped-gemm: Megatron's TEGroupedMLP
+        config.moe_grouped_gemm = True
+        for layer in spec.layer_specs:
+            submodules_of(layer.submodules.mlp).experts = torch_grouped_experts_spec()
+    model = GPTModel(config=config, transformer_layer_spec=spec,
                      vocab_size=args.padded_vocab_size,
                      max_sequence_length=args.max_position_embeddings,
                      pre_process=parallel_state.is_pipeline_first_stage(),
@@ -126,8 +135,8 @@ def _save(variant: str, layout_name: str) -> list[str]:
                 logits = model.eval()(tokens, positions, attention_mask=None)
             np.save(base / variant / "reference_logits.npy", logits.float().numpy())
     torch.distributed.barrier()
-    return sorted(sharded_key for sharded_key in (getattr(v, "key", "") for v in sharded.values())
-                  if sharded_key)
+    return {"keys": sorted(v.key for v in sharded.values() if hasattr(v, "key")),
+            "experts": type(model.decoder.layers[0].mlp.experts).__name__}  # layer 0 is MoE
 
 
 for _variant, _layouts in SAVES.items():
