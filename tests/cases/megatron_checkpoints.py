@@ -9,7 +9,8 @@ and ``model`` (the model's sharded state dict, saved with its metadata as conten
 and ``SAVE/latest_checkpointed_iteration.txt``. The model is built as Megatron-LM builds it
 from those arguments (``core_transformer_config_from_args``: fields of the same names, plus
 ``num_experts``, ``swiglu``, ``group_query_attention``, ``norm_epsilon``) with Megatron's local
-layer spec. Every layout holds the same weights (drawn per global key). The EP=2 save uses
+layer spec. Every layout holds the same weights (drawn per global key; the TP=2 save holds them
+rounded to bf16, as runs with ``--bf16`` save them). The EP=2 save uses
 per-expert keys (``singleton_local_shards``); the PP=2 save spells the MoE layers' pre-MLP norm
 as Transformer Engine's layers do (``pre_mlp_layernorm.weight``). The one-process save also
 writes Megatron's logits of ``tokens.npy``. The ``grouped_ep2`` save has Megatron's grouped
@@ -60,9 +61,9 @@ VARIANTS = {
                    qk_layernorm=True, add_qkv_bias=True, moe_router_score_function="sigmoid",
                    moe_router_pre_softmax=False),
 }
-LAYOUTS = {"single": (1, 1, 1), "tp2": (2, 1, 1), "pp2": (1, 2, 1), "ep2": (1, 1, 2),
+LAYOUTS = {"single": (1, 1, 1), "tp2_bf16": (2, 1, 1), "pp2": (1, 2, 1), "ep2": (1, 1, 2),
            "grouped_ep2": (1, 1, 2)}
-SAVES = {"gqa": ("single", "tp2", "pp2", "grouped_ep2"), "shared": ("single", "ep2")}
+SAVES = {"gqa": ("single", "tp2_bf16", "pp2", "grouped_ep2"), "shared": ("single", "ep2")}
 
 
 def megatron_args(variant: str, tokenizer_model: str) -> argparse.Namespace:
@@ -115,6 +116,8 @@ def _save(variant: str, layout_name: str) -> dict:
                      share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
                      position_embedding_type="rope", rotary_base=args.rotary_base)
     fill_by_global_key(model, seed=11)
+    if layout_name.endswith("bf16"):  # as GPU runs save their weights (--bf16)
+        model.to(torch.bfloat16)
     metadata = {"singleton_local_shards": True} if layout_name == "ep2" else {}
     sharded = model.sharded_state_dict(metadata=metadata)
     if layout_name == "pp2":
