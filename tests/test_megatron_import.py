@@ -174,6 +174,8 @@ BAD = {
                         "neither an iteration"),
     "no args": (lambda s, m: _edit_args(m, drop=True), [], "no Megatron-LM arguments"),
     "dense": (lambda s, m: _edit_args(m, num_experts=None), [], "dense model"),
+    "incomplete args": (lambda s, m: _edit_args(m, padded_vocab_size=None), [],
+                        "has no 'padded_vocab_size'"),
     "MLA and biases": (lambda s, m: _edit_args(m, multi_latent_attention=True, add_bias_linear=True),
                        [], "multi_latent_attention=True .*add_bias_linear=True"),
     "learned positions": (lambda s, m: _edit_args(m, position_embedding_type="learned_absolute"), [],

@@ -100,6 +100,14 @@ def _arg(args: Namespace, name: str, default=None):
     return getattr(args, name, default)
 
 
+def _need(args: Namespace, name: str, where: str):
+    value = getattr(args, name, None)
+    if value is None:
+        raise UserError(f"{where}: has no {name!r}, which every Megatron-LM GPT run records; the "
+                        "arguments are incomplete: give a checkpoint saved by pretrain_gpt.py")
+    return value
+
+
 def _refuse(args: Namespace, where: str) -> None:
     """Name every argument whose model moue's architecture cannot express."""
     checks = [
@@ -176,11 +184,12 @@ def moue_sections(args: Namespace, where: str) -> dict:
         raise UserError(f"{where}: num_experts is not set: a dense model; moue-convert imports "
                         "MoE checkpoints")
     _refuse(args, where)
-    layers, hidden = args.num_layers, args.hidden_size
-    heads = args.num_attention_heads
+    layers, hidden = _need(args, "num_layers", where), _need(args, "hidden_size", where)
+    heads = _need(args, "num_attention_heads", where)
+    ffn = _need(args, "ffn_hidden_size", where)
     head_dim = _arg(args, "kv_channels") or hidden // heads
     freq = _moe_layer_freq(args, where)
-    expert_size = _arg(args, "moe_ffn_hidden_size") or args.ffn_hidden_size
+    expert_size = _arg(args, "moe_ffn_hidden_size") or ffn
     shared = _arg(args, "moe_shared_expert_intermediate_size") or 0
     if shared % expert_size:
         raise UserError(f"{where}: moe_shared_expert_intermediate_size={shared} is not a multiple "
@@ -188,11 +197,12 @@ def moue_sections(args: Namespace, where: str) -> dict:
                         "experts (moe.shared_experts x moe.expert_ffn_hidden_size)")
     epsilon = _arg(args, "norm_epsilon", _arg(args, "layernorm_epsilon", 1e-5))
     model = dict(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                 num_query_groups=(args.num_query_groups if _arg(args, "group_query_attention")
-                                   else None),
+                 num_query_groups=(_need(args, "num_query_groups", where)
+                                   if _arg(args, "group_query_attention") else None),
                  head_dim=None if head_dim * heads == hidden else head_dim,
-                 vocab_size=args.padded_vocab_size, seq_length=args.seq_length,
-                 ffn_hidden_size=args.ffn_hidden_size, moe_layer_freq=freq,
+                 vocab_size=_need(args, "padded_vocab_size", where),
+                 seq_length=_need(args, "seq_length", where), ffn_hidden_size=ffn,
+                 moe_layer_freq=freq,
                  normalization=_arg(args, "normalization", "LayerNorm"),
                  activation="swiglu" if _arg(args, "swiglu") else "gelu",
                  rope_base=float(_arg(args, "rotary_base", 10000)), norm_epsilon=float(epsilon),
