@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml docker/install.sh
 	PYTHON=$(PYTHON) TORCH="$(TORCH)" docker/install.sh --venv $(VENV) --extras "$(EXTRAS)"
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 # The GPU tests (marker `gpu`) on this machine's CUDA GPUs with NCCL: one GPU, and two where
 # present. Run it in the GPU image (docker/), whose PyTorch brings CUDA and Transformer Engine.
