@@ -64,7 +64,7 @@ demo: install
 
 lint: install
 	$(PY) -m ruff check moue parallel data_tools tests benchmarks
-	$(VENV)/bin/shellcheck -x examples/scripts/*.sh examples/scripts/*.sbatch .ci/run tests/stubs/* docker/*.sh
+	$(VENV)/bin/shellcheck -x examples/scripts/*.sh examples/scripts/*.sbatch .ci/run tests/stubs/* docker/*.sh benchmarks/*.sh
 	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.cpu
 
 clean:

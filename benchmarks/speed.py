@@ -165,8 +165,14 @@ def _memory_worker(variant: str, out: str) -> None:
 
 def _torchrun(nproc: int, *worker_args: str) -> list[dict]:
     out = tempfile.mktemp(prefix="moue-speed-")
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", PYTHONPATH=str(ROOT),
+    env = dict(os.environ, PYTHONPATH=str(ROOT),
                OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+    # On GPUs Megatron's fusions are compiled (torch.compile), as in a real run; on CPUs
+    # compilation only costs time.
+    import torch
+
+    env.update({"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if torch.cuda.is_available()
+               else {"TORCHDYNAMO_DISABLE": "1"})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(Path(__file__)), *worker_args, "--out", out]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -11,7 +11,11 @@ import warnings
 
 from moue.config import load_config
 from parallel.errors import UserError
-from parallel.launch import global_rank_from_env
+from parallel.launch import (
+    global_rank_from_env,
+    run_on_cpu_only,
+    set_cuda_device_max_connections,
+)
 
 # Megatron-Core announces its fallbacks when Transformer Engine / apex are absent (CPU machines).
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
@@ -83,6 +87,9 @@ def pretrain(argv: list[str] | None = None) -> int:
                 world = int(os.environ["WORLD_SIZE"])
             print(json.dumps(report(cfg, world), indent=2))
             return 0
+        warning = set_cuda_device_max_connections(cfg.parallel.tp)  # before any CUDA call
+        if warning and global_rank_from_env() == 0:
+            print(f"moue-pretrain: warning: {warning}", file=sys.stderr)
         from moue.training.trainer import run
 
         run(cfg)
@@ -177,8 +184,16 @@ def export_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say_cpu(prog: str) -> None:
+    """Conversion and export run on the CPU on any node; on a GPU node, say so."""
+    if run_on_cpu_only():
+        print(f"{prog}: running on the CPU (this node's GPUs are hidden from this process: the "
+              "command holds the whole model in host memory)", file=sys.stderr)
+
+
 def export(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
+    _say_cpu("moue-export")
     try:
         from moue.elastic.export import export as run_export
 
@@ -202,7 +217,8 @@ examples:
   moue-convert widen --load runs/qwen3 --output runs/qwen3-moue --window 256 --steps 1000
 
 Supported: Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE; Megatron-LM torch_dist MoE checkpoints
-(docs/conversion.md). Every command runs as one CPU process holding the whole model in fp32.
+(docs/conversion.md). Every command runs as one CPU process holding the whole model in fp32,
+on any node: where GPUs are visible, they are hidden from it.
 """
 
 
@@ -257,6 +273,7 @@ def convert_parser() -> argparse.ArgumentParser:
 
 def convert(argv: list[str] | None = None) -> int:
     args = convert_parser().parse_args(argv)
+    _say_cpu("moue-convert")
     try:
         from moue.convert.huggingface import export_hf, import_hf
 

@@ -194,6 +194,9 @@ class TrainConfig(Section):
     seed: int = 1234
     precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp8
     fp8_recipe: str = "tensorwise"  # tensorwise | blockwise (Hopper) | mxfp8 (Blackwell) | delayed
+    # Weight gradients accumulated into Megatron's main_grad inside the GEMM. null: on where the
+    # GPU kernels are (Transformer Engine + apex); true on a CPU runs their stand-ins (tests).
+    grad_accum_fusion: bool | None = None
     recompute: str = "none"  # none | selective | full (activation recomputation)
     recompute_modules: list | None = None  # selective: Megatron's module names; None: core_attn
     eval_interval: int = 50
@@ -244,8 +247,13 @@ class DataConfig(Section):
     tokenizer: str = "byte"
     mock: bool = False  # synthetic tokens (Megatron's mock dataset): no files needed
     seed: int | None = None  # order of the train and validation samples; None: train.seed
+    # Processes that assemble the next training micro-batches while a step runs; None: 2 on a
+    # GPU, 0 on a CPU (where they would take the cores the step needs).
+    num_workers: int | None = None
 
     def _validate(self):
+        check(self.num_workers is None or self.num_workers >= 0, "data.num_workers",
+              self.num_workers, "must be an integer >= 0, or null (2 on a GPU, 0 on a CPU)")
         check(self.mock or self.path or self.blend, "data.path", self.path,
               "set data.path (or data.blend) to a preprocessed dataset, or data.mock=true "
               "for synthetic tokens")

@@ -20,7 +20,7 @@ def plan_run(cfg: RunConfig, caps: Capabilities | None = None) -> Plan:
     m, moe, t = cfg.model, cfg.moe, cfg.train
     result = plan(caps or Capabilities.detect(), transformer_impl=m.transformer_impl,
                   expert_impl=moe.expert_impl, precision=t.precision, fp8_recipe=t.fp8_recipe,
-                  has_experts=not m.dense)
+                  has_experts=not m.dense, grad_accum_fusion=t.grad_accum_fusion)
     if "layernorm" in (t.recompute_modules or []) and result.transformer_impl != "transformer_engine":
         # tensor_parallel.CheckpointWithoutOutput() reads Transformer Engine's FP8 state even
         # when FP8 is off (megatron-core 0.16.1 and 0.19): a NameError without TE.
@@ -39,7 +39,81 @@ def plan_run(cfg: RunConfig, caps: Capabilities | None = None) -> Plan:
                                 f"without Transformer Engine) needs it, per expert-tensor-parallel "
                                 f"rank, a multiple of {align} in {result.precision}; change it or "
                                 "use moe.expert_impl=sequential")
+    if result.precision == "fp8":
+        _check_fp8_alignment(cfg, result.fp8_recipe)
     return result
+
+
+def fp8_gemms(cfg: RunConfig) -> list[tuple[str, str, int, int]]:
+    """The GEMM dimensions Transformer Engine's FP8 checks on one rank, as (what, the field that
+    sets it, size, the multiple FP8 needs): TE's ``assert_dim_for_fp8_exec`` wants of each GEMM
+    operand (the input [tokens, in] and the weight [out, in]) its first dimension a multiple of
+    8 and its last of 16. Experts' token counts are padded by Megatron itself."""
+    m, moe, p = cfg.model, cfg.moe, cfg.parallel
+    tp = p.tp
+    etp = ParallelLayout.default_etp(p.tp, p.ep) if p.etp is None else p.etp
+    groups = m.num_query_groups or m.num_attention_heads
+    dims = [("the tokens of a micro-batch", "model.seq_length x train.micro_batch_size",
+             m.seq_length * cfg.train.micro_batch_size, 8),
+            ("the hidden size (the input of linear_qkv and linear_fc1)", "model.hidden_size",
+             m.hidden_size, 16),
+            ("attention's linear_qkv output", "model.head_dim (or the heads and query groups) "
+             "/ parallel.tp", (m.num_attention_heads + 2 * groups) * m.kv_channels // tp, 8),
+            ("attention's linear_proj input", "model.head_dim (or model.num_attention_heads) "
+             "/ parallel.tp", m.num_attention_heads * m.kv_channels // tp, 16)]
+    if m.dense or m.moe_layer_freq > 1:
+        dims.append(("the dense MLP's linear_fc2 input", "model.ffn_hidden_size / parallel.tp",
+                     m.ffn_hidden_size // tp, 16))
+    if not m.dense:
+        dims.append(("an expert's linear_fc2 input", "moe.expert_ffn_hidden_size / ETP",
+                     moe.expert_ffn_hidden_size // etp, 16))
+        if moe.shared_experts:
+            dims.append(("the shared experts' linear_fc2 input", "moe.expert_ffn_hidden_size x "
+                         "moe.shared_experts / parallel.tp",
+                         moe.shared_experts * moe.expert_ffn_hidden_size // tp, 16))
+    return dims
+
+
+def _check_fp8_alignment(cfg: RunConfig, recipe: str) -> None:
+    """Refuse, naming the field, GEMM sizes Transformer Engine's quantized GEMMs reject at the
+    first forward: FP8 as ``fp8_gemms`` says, MXFP8 every dimension a multiple of its 32-wide
+    scaling blocks."""
+    for what, field, size, multiple in fp8_gemms(cfg):
+        multiple = 32 if recipe == "mxfp8" else multiple
+        if size % multiple:
+            raise UserError(
+                f"train.precision=fp8 (train.fp8_recipe={recipe}): Transformer Engine's "
+                f"{'MXFP8' if recipe == 'mxfp8' else 'FP8'} GEMMs need {what} a multiple of "
+                f"{multiple}, and it is {size} on each rank ({field}); change "
+                f"{field.split(' ')[0]} so it is, or use train.precision=bf16")
+
+
+SCORES_SHARE = 0.2  # of the GPU's memory, above which the local spec's attention scores warn
+
+
+def local_attention_warning(cfg: RunConfig, plan: Plan, caps: Capabilities) -> str | None:
+    """A warning when Megatron-Core's local layers run on a GPU at a sequence length whose
+    attention scores would take more than ``SCORES_SHARE`` of its memory.
+
+    The local ``DotProductAttention`` materialises ``[b, heads/tp, s, s]`` scores and keeps the
+    softmax's output for the backward pass, in every layer of the stage (one at a time under
+    full recompute); Transformer Engine's fused attention keeps none."""
+    if not caps.cuda or plan.transformer_impl != "local" or not caps.memory_bytes:
+        return None
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    layers = 1 if t.recompute == "full" else math.ceil(m.num_layers / p.pp)
+    width = 4 if plan.precision == "fp32" else 2
+    scores = layers * t.micro_batch_size * (m.num_attention_heads // p.tp) * m.seq_length**2 * width
+    if scores <= SCORES_SHARE * caps.memory_bytes:
+        return None
+    gib = 2**30
+    return (f"model.transformer_impl resolved to local on {caps.device_name or 'this GPU'}: "
+            f"Megatron-Core's local attention keeps the s x s scores, about {scores / gib:.1f} GiB "
+            f"for this stage's {layers} layer(s) at model.seq_length={m.seq_length} and "
+            f"train.micro_batch_size={t.micro_batch_size} ({scores / caps.memory_bytes:.0%} of "
+            f"the GPU's {caps.memory_bytes / gib:.0f} GiB); run in the GPU image (docker/: "
+            "Transformer Engine's fused attention keeps no scores) with "
+            "model.transformer_impl=auto, or lower model.seq_length, or set train.recompute=full")
 
 
 def smallest_world(cfg: RunConfig) -> int:

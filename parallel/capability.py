@@ -40,6 +40,7 @@ class Capabilities:
     # apex's fused_weight_gradient_mlp_cuda: Megatron's own linears (the output layer) need it
     # for gradient-accumulation fusion; the NGC PyTorch images bring it.
     wgrad_fusion: bool = False
+    memory_bytes: int | None = None  # the GPU's memory (None: no GPU)
 
     @classmethod
     @functools.cache  # the machine does not change while a process runs
@@ -50,13 +51,15 @@ class Capabilities:
                    te_version=_te_version(),
                    device_name=torch.cuda.get_device_name() if cuda else None,
                    wgrad_fusion=cuda and importlib.util.find_spec(
-                       "fused_weight_gradient_mlp_cuda") is not None)
+                       "fused_weight_gradient_mlp_cuda") is not None,
+                   memory_bytes=torch.cuda.get_device_properties(0).total_memory if cuda else None)
 
     @classmethod
     def reference_gpu(cls) -> Capabilities:
         """An H100 (Hopper, 9.0) with Transformer Engine: what the dry run plans for a GPU."""
         return cls(cuda=True, compute_capability=(9, 0), te_version="2.11",
-                   device_name="H100 with Transformer Engine (reference)", wgrad_fusion=True)
+                   device_name="H100 with Transformer Engine (reference)", wgrad_fusion=True,
+                   memory_bytes=80 * 2**30)
 
     @property
     def transformer_engine(self) -> bool:
@@ -99,9 +102,20 @@ class Plan:
 
 
 def plan(caps: Capabilities, *, transformer_impl: str, expert_impl: str, precision: str,
-         fp8_recipe: str, has_experts: bool) -> Plan:
-    """The run's plan on a machine with ``caps``, or a ``UserError`` naming what is missing."""
+         fp8_recipe: str, has_experts: bool, grad_accum_fusion: bool | None = None) -> Plan:
+    """The run's plan on a machine with ``caps``, or a ``UserError`` naming what is missing.
+
+    ``grad_accum_fusion`` (``train.grad_accum_fusion``): None is on where the GPU kernels are
+    (Transformer Engine's layers and apex's wgrad kernel); True on a GPU needs apex's kernel
+    (Megatron's own linears call it), and on a CPU runs the CPU stand-ins of both libraries
+    (``parallel.cpu_backend``, ``moue.model.te_standins``): the GPU path's weight-gradient
+    accumulation, for tests."""
     where = caps.device_name or ("a CUDA GPU" if caps.cuda else "this CPU machine")
+    if grad_accum_fusion and caps.cuda and not caps.wgrad_fusion:
+        raise UserError(f"train.grad_accum_fusion=true: apex's fused_weight_gradient_mlp_cuda "
+                        f"(which Megatron-Core's own linears call) is not installed on {where}; "
+                        f"{GPU_IMAGE} (its NGC base brings apex), or leave "
+                        "train.grad_accum_fusion unset")
     if transformer_impl == "transformer_engine" and not caps.transformer_engine:
         missing = "Transformer Engine is not installed" if caps.te_version is None else "no CUDA GPU"
         raise UserError(f"model.transformer_impl=transformer_engine: {missing} on {where}; "
@@ -134,4 +148,5 @@ def plan(caps: Capabilities, *, transformer_impl: str, expert_impl: str, precisi
                 else None,
                 precision=("bf16" if caps.cuda else "fp32") if precision == "auto" else precision,
                 fp8_recipe=fp8_recipe if precision == "fp8" else None,
-                fusions=te, grad_accum_fusion=te and caps.wgrad_fusion)
+                fusions=te, grad_accum_fusion=(te and caps.wgrad_fusion
+                                               if grad_accum_fusion is None else grad_accum_fusion))

@@ -278,6 +278,34 @@ def _alltoall_splits() -> list[_Patch]:
     return [_Patch(dispatcher, "maybe_move_tensor_to_cpu", _to_cpu_or_numpy)]
 
 
+class _CpuWgradKernels:
+    """apex's ``fused_weight_gradient_mlp_cuda`` on CPU: ``main_grad += grad_output^T input``
+    (2-D operands, the sum in fp32 for an fp32 ``main_grad``), as Megatron's linears call it."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
+        main_grad.add_(grad_output.float().t() @ total_input.float())
+
+    @staticmethod
+    def wgrad_gemm_accum_fp16(total_input, grad_output, main_grad):
+        main_grad.add_((grad_output.float().t() @ total_input.float()).to(main_grad.dtype))
+
+
+@adaptation(
+    "apex_wgrad_kernels",
+    call_site="tensor_parallel/layers.py: gradient_accumulation_fusion calls apex's "
+    "fused_weight_gradient_mlp_cuda in LinearWithGradAccumulationAndAsyncCommunication, and "
+    "ColumnParallelLinear refuses to build when it does not import (train.grad_accum_fusion=true)",
+    symptom="fused_weight_gradient_mlp_cuda module is not found",
+)
+def _apex_wgrad_kernels() -> list[_Patch]:
+    layers = _module("megatron.core.tensor_parallel.layers")
+    if getattr(layers, "_grad_accum_fusion_available", False):
+        return []  # apex is installed: its kernels run
+    return [_Patch(layers, "_grad_accum_fusion_available", True),
+            _Patch(layers, "fused_weight_gradient_mlp_cuda", _CpuWgradKernels)]
+
+
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange")
 
 

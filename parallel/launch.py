@@ -14,6 +14,7 @@ Backend: nccl when the run's device is cuda, gloo on CPU (where the CPU backend 
 from __future__ import annotations
 
 import datetime
+import glob
 import os
 import random
 import socket
@@ -124,6 +125,36 @@ def resolve_device(requested: str = "auto") -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise UserError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'.")
     return torch.device(requested)
+
+
+def run_on_cpu_only() -> bool:
+    """Hide this node's GPUs from this process (``CUDA_VISIBLE_DEVICES=``) before any CUDA call,
+    for the commands that run on the CPU wherever they are started (conversion and export hold
+    the whole model in host memory; the CPU backend refuses a process that sees a GPU). Returns
+    whether GPUs were there to hide (``/dev/nvidia<N>``), so the command can say so."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return visible != "" and bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def set_cuda_device_max_connections(tp: int) -> str | None:
+    """``CUDA_DEVICE_MAX_CONNECTIONS=1`` for tensor-parallel runs, as Megatron-LM's launch scripts
+    export it: Megatron-Core's linears issue a TP all-reduce or reduce-scatter and then the
+    weight-gradient GEMM, relying on one hardware queue to start the communication first
+    (tensor_parallel/layers.py: "Here we rely on CUDA_DEVICE_MAX_CONNECTIONS=1"). CUDA reads it
+    when the context is created, so this runs before any CUDA call. A value the user set is kept;
+    returns a warning when it is not 1 under TP."""
+    current = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    if tp <= 1:
+        return None
+    if current is None:
+        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+        return None
+    if current != "1":
+        return (f"CUDA_DEVICE_MAX_CONNECTIONS={current} with parallel.tp={tp}: Megatron-Core's "
+                "tensor-parallel overlap expects 1 (communication is then issued before the "
+                "weight-gradient GEMM); unset it to let moue-pretrain set 1")
+    return None
 
 
 def init_distributed(

@@ -1,7 +1,8 @@
 """Keeping the universal pool consistent across ranks: replicas over pipeline stages, loads.
 
 - Every pipeline stage holds a replica of its EP shard of the pool (and of U). Replicas start
-  equal (``broadcast_replicas`` from stage 0) and stay equal because their gradients are summed
+  equal (each stage draws them from the same global checkpoint keys, ``moue.model.init``, or
+  loads them from one checkpoint) and stay equal because their gradients are summed
   over the pipeline group before the optimizer step by Megatron's
   ``_allreduce_conditional_embedding_grads`` (finalize_model_grads.py), which acts on parameters
   tagged ``pipeline_parallel=True`` when ``config.has_cond_embedder`` is set.
@@ -27,16 +28,6 @@ def mark_pipeline_replicas(params: Iterable[torch.nn.Parameter], pp_group) -> No
         param.pipeline_parallel = True
         param.shared_embedding = True
         param.shared = pp_group.rank() > 0
-
-
-@torch.no_grad()
-def broadcast_replicas(params: Iterable[torch.nn.Parameter], pp_group) -> None:
-    """Copy stage 0's values into every stage's replica."""
-    if pp_group.size() == 1:
-        return
-    src = torch.distributed.get_global_rank(pp_group, 0)
-    for param in params:
-        torch.distributed.broadcast(param.data, src=src, group=pp_group)
 
 
 @torch.no_grad()

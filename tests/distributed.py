@@ -79,6 +79,17 @@ class Results:
         return None if outcome["ok"] else outcome["error"]
 
 
+def gpu_test_env() -> dict:
+    """The environment of GPU test runs: Megatron's compiled fusions on (torch.compile is not
+    disabled), fp32 as fp32 (``NVIDIA_TF32_OVERRIDE=0`` keeps cuBLAS and cuDNN from using TF32,
+    which NGC's images turn on with ``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1``; Transformer Engine's
+    fp32 GEMMs honour the same switch), and ``CUDA_DEVICE_MAX_CONNECTIONS=1`` as Megatron wants
+    for TP communication overlap."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TORCHDYNAMO_DISABLE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")}
+    return {**env, "NVIDIA_TF32_OVERRIDE": "0", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,11 +107,11 @@ def launch(module: str, nproc: int, launcher: str = "torchrun", device: str = "c
     ``cuda`` (nccl). ``only``: run just these cases. ``env_vars``: extra environment.
     """
     out = Path(tempfile.mkdtemp(prefix="moue-dist-"))
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", MOUE_TEST_DEVICE=device,
+    base = (gpu_test_env() if device == "cuda"
+            else dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1"))
+    env = dict(base, OMP_NUM_THREADS="1", MOUE_TEST_DEVICE=device,
                MOUE_TEST_CASES=",".join(only), **dict(env_vars),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
     worker = ["-m", "tests.dist_worker", module, str(out)]
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",

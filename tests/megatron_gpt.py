@@ -46,6 +46,7 @@ class TinyGPT:
     dispatcher: str = "alltoall"
     aux_loss_coeff: float = 1e-2
     swiglu: bool = False
+    grad_accum_fusion: bool = False  # Megatron's linears write main_grad (apex's kernel)
 
 
 def transformer_config(shape: TinyGPT, layout: ParallelLayout) -> TransformerConfig:
@@ -60,7 +61,7 @@ def transformer_config(shape: TinyGPT, layout: ParallelLayout) -> TransformerCon
         sequence_parallel=layout.sequence_parallel, normalization="RMSNorm",
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=False, masked_softmax_fusion=False, bias_activation_fusion=False,
-        gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+        gradient_accumulation_fusion=shape.grad_accum_fusion, apply_rope_fusion=False, persist_layer_norm=False,
         use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
         gated_linear_unit=shape.swiglu,
         activation_func=torch.nn.functional.silu if shape.swiglu else torch.nn.functional.gelu,

@@ -148,3 +148,73 @@ def test_new_fields_name_their_choices():
                             ("train.fp8_recipe=hybrid", "train.fp8_recipe")):
         with pytest.raises(UserError, match=field):
             load_config(None, [override])
+
+
+def test_grad_accum_fusion_can_be_asked_for_and_turned_off():
+    hopper_apex = Capabilities(cuda=True, compute_capability=(9, 0), te_version="2.11",
+                               device_name="H100", wgrad_fusion=True)
+    assert _plan(hopper_apex).grad_accum_fusion
+    assert not _plan(hopper_apex, "train.grad_accum_fusion=false").grad_accum_fusion
+    # On a CPU, true runs the stand-ins of apex's and Transformer Engine's kernels.
+    assert _plan(CPU, "train.grad_accum_fusion=true").grad_accum_fusion
+    assert not _plan(CPU).grad_accum_fusion
+    with pytest.raises(UserError, match="train.grad_accum_fusion=true: apex's "
+                                        "fused_weight_gradient_mlp_cuda .* not installed on H100"):
+        _plan(HOPPER, "train.grad_accum_fusion=true")
+
+
+FP8 = ("train.precision=fp8", "model.transformer_impl=transformer_engine")
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["moe.expert_ffn_hidden_size=72"],
+     "an expert's linear_fc2 input a multiple of 16, and it is 72 on each rank "
+     r"\(moe.expert_ffn_hidden_size / ETP\); change moe.expert_ffn_hidden_size"),
+    (["model.seq_length=100", "train.micro_batch_size=1"],
+     "the tokens of a micro-batch a multiple of 8, and it is 100"),
+    (["model.hidden_size=72", "model.num_attention_heads=4"], "the hidden size"),
+    (["model.moe_layer_freq=2", "model.ffn_hidden_size=200"], "the dense MLP's linear_fc2 input"),
+    (["moe.shared_experts=1", "moe.expert_ffn_hidden_size=48", "parallel.tp=2",
+      "parallel.etp=1"],
+     "the shared experts' linear_fc2 input a multiple of 16, and it is 24"),
+])
+def test_fp8_gemm_sizes_are_checked_before_building(overrides, words):
+    with pytest.raises(UserError, match=words):
+        _plan(HOPPER, *FP8, *overrides)
+
+
+def test_fp8_gemm_sizes_are_per_rank():
+    # 64 / ETP=2 = 32 columns per rank: aligned; the shipped GPU configs are too.
+    assert _plan(HOPPER, *FP8, "moe.expert_ffn_hidden_size=64", "parallel.ep=2",
+                 "parallel.tp=2", "parallel.etp=2").precision == "fp8"
+    for name in ("moue_1b_gpu", "moe_1b_baseline_gpu"):
+        cfg = load_config(f"examples/configs/{name}.yaml", list(FP8))
+        assert plan_run(cfg, HOPPER).precision == "fp8"
+
+
+def test_mxfp8_needs_multiples_of_32():
+    blackwell = (*FP8, "train.fp8_recipe=mxfp8")
+    assert _plan(BLACKWELL, *blackwell, "moe.expert_ffn_hidden_size=64").fp8_recipe == "mxfp8"
+    with pytest.raises(UserError, match="MXFP8 GEMMs need an expert's linear_fc2 input a "
+                                        "multiple of 32, and it is 48"):
+        _plan(BLACKWELL, *blackwell, "moe.expert_ffn_hidden_size=48")
+
+
+def test_local_attention_on_a_gpu_warns_when_its_scores_fill_memory():
+    from moue.run_check import local_attention_warning
+
+    h100 = Capabilities(cuda=True, compute_capability=(9, 0), device_name="H100",
+                        memory_bytes=80 * 2**30)
+    cfg = load_config("examples/configs/moue_1b_gpu.yaml", ["model.transformer_impl=local"])
+    warning = local_attention_warning(cfg, plan_run(cfg, h100), h100)
+    # 24 layers x 2 sequences x 16 heads x 4096^2 x 2 bytes = 24 GiB (30% of 80 GiB).
+    assert "model.transformer_impl resolved to local on H100" in warning
+    assert "about 24.0 GiB for this stage's 24 layer(s) at model.seq_length=4096" in warning
+    assert "train.recompute=full" in warning and "docker/" in warning
+    recomputed = load_config("examples/configs/moue_1b_gpu.yaml",
+                             ["model.transformer_impl=local", "train.recompute=full"])
+    assert local_attention_warning(recomputed, plan_run(recomputed, h100), h100) is None
+    short = load_config("examples/configs/moue_1b_gpu.yaml",
+                        ["model.transformer_impl=local", "model.seq_length=1024"])
+    assert local_attention_warning(short, plan_run(short, h100), h100) is None
+    assert local_attention_warning(cfg, plan_run(cfg, CPU), CPU) is None

@@ -70,7 +70,7 @@ def test_disable_restores_every_name():
 
 
 def test_every_adaptation_names_its_call_site_and_symptom():
-    assert len(cpu_backend.ADAPTATIONS) == 7
+    assert len(cpu_backend.ADAPTATIONS) == 8
     for adaptation in cpu_backend.ADAPTATIONS.values():
         assert ".py" in adaptation.call_site, adaptation.name
         assert adaptation.symptom

@@ -1,5 +1,7 @@
 """Launch environment: torchrun, SLURM and single-process worlds, read from fake environments."""
 
+import os
+
 import pytest
 import torch
 
@@ -46,3 +48,30 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_cuda_device_max_connections_is_set_for_tensor_parallel_runs(monkeypatch):
+    from parallel.launch import set_cuda_device_max_connections
+
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    assert set_cuda_device_max_connections(1) is None
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
+    assert set_cuda_device_max_connections(2) is None
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+    warning = set_cuda_device_max_connections(4)
+    assert "CUDA_DEVICE_MAX_CONNECTIONS=8 with parallel.tp=4" in warning
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"  # the user's value is kept
+
+
+def test_conversion_commands_hide_the_gpus_of_a_gpu_node(monkeypatch):
+    import parallel.launch as launch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(launch.glob, "glob", lambda pattern: ["/dev/nvidia0"])
+    assert launch.run_on_cpu_only() is True  # a GPU node: the command says it runs on the CPU
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert launch.run_on_cpu_only() is False  # already hidden: nothing to say
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(launch.glob, "glob", lambda pattern: [])
+    assert launch.run_on_cpu_only() is False  # a CPU machine

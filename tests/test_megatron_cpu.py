@@ -42,6 +42,14 @@ def test_layout_matches_one_process(layout, reference):
         assert max_rel(run["grad_norms"], reference["grad_norms"]) < RTOL, (layout, rank, run)
 
 
+def test_fused_weight_gradients_train_as_unfused(reference):
+    """Megatron's linears with gradient-accumulation fusion (apex's wgrad kernel, on CPU its
+    stand-in in parallel.cpu_backend) train as without it."""
+    fused = launch(CASES, 1)["gpt_train[single_fused]"][0]
+    assert max_rel(fused["losses"], reference["losses"]) < RTOL, fused
+    assert max_rel(fused["grad_norms"], reference["grad_norms"]) < RTOL, fused
+
+
 @pytest.mark.parametrize("sp", ["no_sp", "sp"])
 def test_tensor_parallel_linear_equals_nn_linear(sp):
     for errors in launch(CASES, 2)[f"tp_mlp[{sp}]"]:

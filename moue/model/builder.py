@@ -22,9 +22,10 @@ from moue.model.balance import Balance, build_balance
 from moue.model.layer_specs import gpt_block_spec, moue_block_spec
 from moue.model.pool import UniversalEmbedding, shared_pool_factory
 from moue.model.router import SharedRouting, UniversalRouter
+from moue.model.te_standins import parameter_device
 from moue.model.topology import Topology
 from parallel.capability import Plan
-from parallel.pool_sync import broadcast_replicas, mark_pipeline_replicas
+from parallel.pool_sync import mark_pipeline_replicas
 
 
 def build_model(model_cfg: ModelConfig, moe: MoEConfig, topology: Topology | None,
@@ -43,7 +44,7 @@ def build_model(model_cfg: ModelConfig, moe: MoEConfig, topology: Topology | Non
     if model_cfg.dense:
         return gpt(transformer_layer_spec=gpt_block_spec(config, None, te))
     embedding = (UniversalEmbedding(moe.num_experts, moe.router_state_dim, config.init_method,
-                                    config.sequence_parallel)
+                                    config.sequence_parallel, parameter_device(config))
                  if moe.router_state_dim else None)
     shared = SharedRouting(topology=topology,
                            balance=build_balance(moe.balance, topology, moe.balance_coeff,
@@ -65,10 +66,12 @@ def build_model(model_cfg: ModelConfig, moe: MoEConfig, topology: Topology | Non
                            experts_factory=remember_factory, pp_rank=pp_rank, te=te)
     model = gpt(transformer_layer_spec=spec)
     _register_shared(model.decoder, experts_factory.pool, shared)
-    replicas = [*model.decoder.expert_pool.parameters(),
-                *(embedding.parameters() if embedding is not None else [])]
-    mark_pipeline_replicas(replicas, pg_collection.pp)
-    broadcast_replicas(replicas, pg_collection.pp)
+    # No collective here: the model is not on its device yet (U and the stand-ins' weights may be
+    # created on the CPU for a GPU run). Replicas start equal because their initial values are
+    # drawn from their global checkpoint keys (moue.model.init), or loaded from a checkpoint.
+    mark_pipeline_replicas([*model.decoder.expert_pool.parameters(),
+                            *(embedding.parameters() if embedding is not None else [])],
+                           pg_collection.pp)
     if moe.router_state_dim:
         model.decoder.layers[0].unpack_state = pp_rank > 0
         model.decoder.layers[-1].pack_state = pp_rank < pp_size - 1

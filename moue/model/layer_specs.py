@@ -4,9 +4,10 @@
 With Transformer Engine (``get_gpt_layer_with_transformer_engine_spec``) attention is TE's fused
 attention and the norms are fused into the next linear (``linear_qkv.layer_norm_weight``);
 Megatron's local spec keys its norms the same way in checkpoints, so a config gets the same
-initial weights on either spec (``moue.model.init`` draws each weight from its key). The grouped
-pool takes TE's grouped linears from the TE spec, and ``moue.model.grouped_linear`` (torch's
-grouped GEMM) with the local spec.
+initial weights on either spec (``moue.model.init`` draws each weight from its key). The pool
+takes TE's linears from the TE spec; with the local spec, the grouped pool takes torch's grouped
+GEMM (``moue.model.te_standins``), and so does the sequential pool's experts' linears under
+gradient-accumulation fusion (their TE stand-ins, which keep TE's weight-gradient contract).
 
 Megatron-Core's local spec normalises with ``WrappedTorchNorm``, which refuses sequence
 parallelism (``assert not config.sequence_parallel``, megatron/core/transformer/torch_norm.py) -
@@ -85,8 +86,8 @@ def _final_norm(te: bool):
 
 
 def torch_grouped_experts_spec() -> ModuleSpec:
-    """``TEGroupedMLP`` over torch's grouped GEMM (``moue.model.grouped_linear``)."""
-    from moue.model.grouped_linear import TorchGroupedLinear, TorchRowParallelGroupedLinear
+    """``TEGroupedMLP`` over torch's grouped GEMM (``moue.model.te_standins``)."""
+    from moue.model.te_standins import TorchGroupedLinear, TorchRowParallelGroupedLinear
 
     try:  # megatron-core 0.19 has its own submodules class for the grouped MLP
         from megatron.core.transformer.moe.experts import GroupedMLPSubmodules as Submodules
@@ -94,6 +95,22 @@ def torch_grouped_experts_spec() -> ModuleSpec:
         from megatron.core.transformer.mlp import MLPSubmodules as Submodules
     return ModuleSpec(module=TEGroupedMLP, submodules=Submodules(
         linear_fc1=TorchGroupedLinear, linear_fc2=TorchRowParallelGroupedLinear))
+
+
+def local_experts_spec(config: TransformerConfig, local_spec):
+    """The pool's experts on the local layers: the grouped pool on torch's grouped GEMM; the
+    sequential pool on Megatron's local linears, or under gradient-accumulation fusion on their
+    stand-ins for TE's (the weight-gradient contract TE's sequential pool runs under)."""
+    if config.moe_grouped_gemm:
+        return torch_grouped_experts_spec()
+    if not config.gradient_accumulation_fusion:
+        return local_spec
+    from moue.model.te_standins import TorchExpertColumnLinear, TorchExpertRowLinear
+
+    spec = copy.deepcopy(local_spec)
+    mlp = submodules_of(spec)
+    mlp.linear_fc1, mlp.linear_fc2 = TorchExpertColumnLinear, TorchExpertRowLinear
+    return spec
 
 
 def gpt_block_spec(config: TransformerConfig, num_experts: int | None,
@@ -125,9 +142,8 @@ def moue_block_spec(config: TransformerConfig, *, moe_layer_freq: int, state_dim
         if is_moe:
             moe = submodules_of(spec.submodules.mlp)
             moe.router = router
-            grouped_local = config.moe_grouped_gemm and not te
-            moe.experts = experts_factory(torch_grouped_experts_spec() if grouped_local
-                                          else moe.experts)
+            moe.experts = experts_factory(moe.experts if te
+                                          else local_experts_spec(config, moe.experts))
         return spec
 
     offset = get_transformer_layer_offset(config, pp_rank=pp_rank)

@@ -106,12 +106,31 @@ class GroupedExpertPool(PoolPlacement, TEGroupedMLP):
         self._place(pg_collection)
 
 
-class UniversalEmbedding(torch.nn.Module):
-    """U: one d_r-dimensional embedding per pool expert, shared by every router [E, d_r]."""
+def accumulate_on_every_call(module: torch.nn.Module) -> None:
+    """Make every Transformer Engine linear of ``module`` (a module called by several layers in
+    one micro-batch) accumulate its weight gradient on every call.
 
-    def __init__(self, num_experts: int, state_dim: int, init_method, sequence_parallel: bool):
+    Megatron's TE wrappers tell TE ``is_first_microbatch=True`` on a module's first call of a run
+    (and, under FP8, of every step); with gradient-accumulation fusion TE then *overwrites*
+    ``main_grad`` in that call's backward, which for the pool is layer 1's and runs last: every
+    other layer's gradient would be lost. With ``disable_parameter_transpose_cache`` the wrappers
+    pass ``None``: TE accumulates on every call (``main_grad`` is zeroed at each step by
+    Megatron DDP) and quantizes the weights on each call instead of caching them for the step
+    (docs/gpu.md: the cost, and why this over the alternatives)."""
+    for sub in module.modules():
+        if hasattr(sub, "disable_parameter_transpose_cache"):
+            sub.disable_parameter_transpose_cache = True
+
+
+class UniversalEmbedding(torch.nn.Module):
+    """U: one d_r-dimensional embedding per pool expert, shared by every router [E, d_r]. A plain
+    parameter used through torch ops: autograd sums its per-layer gradients, whatever the
+    fusion settings, and Megatron DDP adds the sum into ``main_grad``."""
+
+    def __init__(self, num_experts: int, state_dim: int, init_method, sequence_parallel: bool,
+                 device: torch.device | None = None):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(num_experts, state_dim))
+        self.weight = torch.nn.Parameter(torch.empty(num_experts, state_dim, device=device))
         init_method(self.weight)
         # Replicated over tensor-parallel ranks; under sequence parallelism each rank's gradient
         # covers its sequence shard, so finalize_model_grads sums them over the TP group.
@@ -135,6 +154,7 @@ def shared_pool_factory(experts_spec, grouped: bool):
             if cls.pool is None:
                 cls.pool = pool_class(num_local_experts, config, submodules_of(experts_spec),
                                       pg_collection)
+                accumulate_on_every_call(cls.pool)
             return cls.pool
 
     return SharedPool

@@ -81,11 +81,17 @@ def ep_balance_figures(loads_LE: torch.Tensor, ep: int) -> dict:
 
 
 def step_figures(raw: dict, num_microbatches: int, pg_collection, *, moe_layers: frozenset,
-                 ep_ranks: int) -> dict:
+                 ep_ranks: int, reduce: bool = True) -> dict:
     """The logged figures of a step from ``Trainer.train_step``'s raw outputs: ``moe_layers`` are
     the 0-based MoE layers (Megatron's tracker has a slot for every layer), ``ep_ranks`` the EP
     degree of the tokens-per-rank figure (none when 1). Every rank must call it (it reduces
-    Megatron's aux-loss tracker)."""
+    Megatron's aux-loss tracker). ``reduce=False`` (a step that logs nothing) only clears the
+    tracker: no collective, no copy from the GPU."""
+    if not reduce:
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        clear_aux_losses_tracker()
+        return dict(raw)
     metrics = dict(raw)
     tracked = tracked_moe_values(num_microbatches, pg_collection)
     metrics["balance_loss"] = sum(tracked.get("balance_loss", []))
@@ -192,10 +198,14 @@ class MetricsLogger:
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
             self.writer = SummaryWriter(str(self.dir / "tensorboard"))
 
+    def logs(self, step: int, last: bool) -> bool:
+        """Whether a training step's figures are logged (``log_step``), evaluations aside."""
+        return step % self.interval == 0 or last
+
     def log_step(self, step: int, metrics: dict, last: bool) -> None:
         """A training step's figures: logged every ``logging.interval`` steps, at the last step
         and with every evaluation (which also draws the expert-load heatmap)."""
-        if step % self.interval == 0 or last or "val_loss" in metrics:
+        if self.logs(step, last) or "val_loss" in metrics:
             self.log(step, metrics)
         if "val_loss" in metrics:
             self.log_heatmap(step)

@@ -11,7 +11,8 @@ Elastic training (``elastic.enabled``): before each optimizer step the step's su
 
 Data order: step ``k`` reads global samples ``[k*G, (k+1)*G)`` of the train split (``G`` the
 global batch), each data-parallel rank its contiguous slice in micro-batches, so the order is
-the same under every layout and a resumed run continues exactly.
+the same under every layout and a resumed run continues exactly (``moue.training.batches``
+loads them ahead of the step).
 """
 
 from __future__ import annotations
@@ -40,17 +41,17 @@ from moue.model.init import init_by_global_key
 from moue.model.megatron_config import top1_post_softmax, transformer_config
 from moue.model.size import flops_per_token
 from moue.model.widening import set_widening
-from moue.run_check import check_run, plan_run
+from moue.run_check import check_run, local_attention_warning, plan_run
 from moue.training import checkpoint
+from moue.training.batches import TrainBatches, collate
 from moue.training.engine import build_engine
 from moue.training.metrics import MetricsLogger, StepClock, SubModelFigures, step_figures
 from parallel import launch
+from parallel.capability import Capabilities
 from parallel.errors import UserError
 from parallel.layout import ParallelLayout
 from parallel.pool_sync import finish_step_loads
 from parallel.reduce import any_rank, data_parallel_slice, is_logging_rank, step_mean
-
-BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Trainer:
                          if cfg.elastic.enabled else None)
         self.full = full_submodel(choices) if choices else None
         self.submodel_figures = SubModelFigures()
+        self._batches, self._batches_at = None, None  # the training stream (_train_batches)
 
     def build_module(self, megatron_config) -> torch.nn.Module:
         """This rank's model chunk (a Megatron module whose ``config`` the engine steps with).
@@ -192,9 +194,25 @@ class Trainer:
         offset, count = data_parallel_slice(self.cfg.train.global_batch_size, self.pg.dp)
         mbs = self.cfg.train.micro_batch_size
         for i in range(first_sample + offset, first_sample + offset + count, mbs):
-            samples = [dataset[j % len(dataset)] for j in range(i, i + mbs)]
-            yield {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(self.device)
-                   for k in BATCH_KEYS}
+            yield {k: v.to(self.device) for k, v in
+                   collate([dataset[j % len(dataset)] for j in range(i, i + mbs)]).items()}
+
+    def _train_batches(self, first_sample: int) -> TrainBatches:
+        """The training stream's next global batch, loaded ahead; started anew (from
+        ``first_sample`` to the end of training) when the run is not where it left off."""
+        t = self.cfg.train
+        if self._batches is None or self._batches_at != first_sample:
+            if self._batches is not None:
+                self._batches.close()
+            offset, count = data_parallel_slice(t.global_batch_size, self.pg.dp)
+            workers = self.cfg.data.num_workers
+            self._batches = TrainBatches(
+                self.train_data, first_sample=first_sample, global_batch=t.global_batch_size,
+                micro_batch=t.micro_batch_size, offset=offset, count=count,
+                steps=max(1, t.steps - first_sample // t.global_batch_size), device=self.device,
+                workers=(2 if self.device.type == "cuda" else 0) if workers is None else workers)
+        self._batches_at = first_sample + t.global_batch_size  # the schedule takes one batch
+        return self._batches
 
     # --- steps ---
 
@@ -204,8 +222,11 @@ class Trainer:
                   if self.layout.pp > 1 and not self.cfg.model.dense else None)
         if self.cfg.moe.widen_block and not self.cfg.model.dense:
             set_widening([self.model], self.state.step, self.cfg.moe.widen_steps)
+        batches = (self._train_batches(first_sample)
+                   if dataset is self.train_data and not forward_only
+                   else self._microbatches(dataset, first_sample))
         losses = self.engine.forward_backward(
-            forward_step, self._microbatches(dataset, first_sample),
+            forward_step, batches,
             num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only,
             adjust_tensor_shapes_fn=shapes)
@@ -289,10 +310,14 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.state.step, disable=not logger.enabled,
                    desc="train", unit="step")
         while self.state.step < t.steps:
-            metrics = step_figures(self.train_step(), self.num_microbatches, self.pg,
-                                   moe_layers=self.moe_layers, ep_ranks=self.ep_ranks)
+            raw = self.train_step()
             step = self.state.step
-            if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
+            evaluating = bool(t.eval_interval) and (step % t.eval_interval == 0 or step == t.steps)
+            # The routers' figures are reduced over ranks only on the steps that log them.
+            metrics = step_figures(raw, self.num_microbatches, self.pg, moe_layers=self.moe_layers,
+                                   ep_ranks=self.ep_ranks,
+                                   reduce=logger.logs(step, last=step == t.steps) or evaluating)
+            if evaluating:
                 self.use_submodel(None)
                 metrics["val_loss"] = self.evaluate()
             logger.log_step(step, metrics, last=step == t.steps)
@@ -307,6 +332,8 @@ class Trainer:
                 break
         bar.close()
         stop.restore()
+        if self._batches is not None:
+            self._batches.close()
 
 
 def run(cfg: RunConfig) -> None:
@@ -321,7 +348,11 @@ def run(cfg: RunConfig) -> None:
                 if plan.expert_impl != "none" else "")
         recipe = f" ({plan.fp8_recipe})" if plan.fp8_recipe else ""
         print(f"moue-pretrain: {plan.transformer_impl} layers{pool}, {plan.precision}{recipe}, "
-              f"fusions {'on' if plan.fusions else 'off'}", file=sys.stderr)
+              f"fusions {'on' if plan.fusions else 'off'}, weight-gradient accumulation "
+              f"{'fused' if plan.grad_accum_fusion else 'unfused'}", file=sys.stderr)
+        scores = local_attention_warning(cfg, plan, Capabilities.detect())
+        if scores:
+            print(f"moue-pretrain: warning: {scores}", file=sys.stderr)
     if not cfg.model.dense and top1_post_softmax(cfg.moe) and env.rank == 0:
         print("moue-pretrain: note: moe.topk=1 with post-softmax scores gives every token a gate "
               "of 1, so the router learns only from the balance loss; set moe.pre_softmax=true "

@@ -55,7 +55,22 @@ def run(tag: str, layout_name: str, *overrides: str, save_at: int | None = None,
     torch.distributed.barrier()
     rows = [json.loads(x) for x in (base / tag / "metrics.jsonl").read_text().splitlines()]
     return {"steps": {r["step"]: [r["loss"], r["grad_norm"]] for r in rows if "loss" in r},
-            "plan": trainer.plan.describe()}
+            "plan": trainer.plan.describe(), "fp8": fp8_state(trainer.model.module)}
+
+
+def fp8_state(model) -> dict:
+    """What Transformer Engine's modules say of their last forward, in the pool and elsewhere:
+    how many there are, how many ran in FP8 (TE sets ``fp8`` from its autocast on every
+    forward) and the recipes in their ``fp8_meta`` (none on a CPU: no TE modules)."""
+    pool = {id(m) for m in model.decoder.expert_pool.modules()} if hasattr(
+        model.decoder, "expert_pool") else set()
+    out = {}
+    for part, wanted in (("pool", True), ("other", False)):
+        te = [m for m in model.modules() if hasattr(m, "fp8_meta") and (id(m) in pool) == wanted]
+        out[part] = {"modules": len(te), "ran_fp8": sum(bool(getattr(m, "fp8", False)) for m in te),
+                     "recipes": sorted({type(m.fp8_meta.get("recipe")).__name__ for m in te
+                                        if m.fp8_meta.get("recipe") is not None})}
+    return out
 
 
 SEQ = "moe.expert_impl=sequential"

@@ -15,7 +15,7 @@ per-expert keys (``singleton_local_shards``); the PP=2 save spells the MoE layer
 as Transformer Engine's layers do (``pre_mlp_layernorm.weight``). The one-process save also
 writes Megatron's logits of ``tokens.npy``. The ``grouped_ep2`` save has Megatron's grouped
 experts (``TEGroupedMLP``, as ``--moe-grouped-gemm`` builds on GPUs) with torch's grouped GEMM
-standing in for Transformer Engine's ``GroupedLinear`` (``moue.model.grouped_linear``, which
+standing in for Transformer Engine's ``GroupedLinear`` (``moue.model.te_standins``, which
 keeps TE's checkpoint layout), so that Megatron's grouped-to-per-expert mapping is what saves.
 """
 

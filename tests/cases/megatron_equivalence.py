@@ -15,14 +15,16 @@ from tests.megatron_gpt import LAYOUTS, TinyGPT, layout_for, megatron_builder, t
 
 CASES = Cases()
 
-def _train(layout: str, world_size: int, **kwargs) -> dict:
-    run = train(megatron_builder(TinyGPT()), layout_for(layout, world_size), **kwargs)
+def _train(layout: str, world_size: int, shape: TinyGPT | None = None, **kwargs) -> dict:
+    run = train(megatron_builder(shape or TinyGPT()), layout_for(layout, world_size), **kwargs)
     return {"losses": run["losses"], "grad_norms": run["grad_norms"]}
 
 
 CASES.add("gpt_train[single]", partial(_train, "single", 1), nproc=1)
 for _name in LAYOUTS:
     CASES.add(f"gpt_train[{_name}]", partial(_train, _name, 2), nproc=2)
+CASES.add("gpt_train[single_fused]",
+          partial(_train, "single", 1, shape=TinyGPT(grad_accum_fusion=True)), nproc=1)
 CASES.add("gpt_train[dp2_plain_optimizer]",
           partial(_train, "dp2", 2, distributed_optimizer=False), nproc=2)
 
@@ -37,8 +39,10 @@ def _without(name: str, layout: str, world_size: int) -> dict:
     if cpu_backend.active().applied[name] == 0:
         return {"applies": False}  # this Megatron-Core release needs no adaptation here
     cpu_backend.enable(skip={name})
+    # apex's kernels are called only with gradient-accumulation fusion
+    shape = TinyGPT(grad_accum_fusion=name == "apex_wgrad_kernels")
     try:
-        train(megatron_builder(TinyGPT()), layout_for(layout, world_size), steps=1)
+        train(megatron_builder(shape), layout_for(layout, world_size), steps=1)
     except Exception as err:
         return {"applies": True, "error": f"{type(err).__name__}: {err}"[:300],
                 "megatron_file": _deepest_megatron_frame(err)}
