@@ -15,7 +15,7 @@ EXTRAS ?= dev,mpi
 ENGINE ?= $(shell command -v docker || command -v podman)
 IMAGE ?= moue
 
-.PHONY: install test test-compat test-gpu lint demo clean image image-cpu
+.PHONY: install test test-slow test-compat test-gpu lint demo clean image image-cpu
 
 DEMO ?= runs/demo
 DEMO_ARGS ?=
@@ -28,8 +28,13 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml docker/install.sh
 	PYTHON=$(PYTHON) TORCH="$(TORCH)" docker/install.sh --venv $(VENV) --extras "$(EXTRAS)"
 
+# Every feature, in minutes (docs/testing.md); `slow` tests (the benchmarks' smoke runs) are left to
+# `make test-slow`, which CI runs as well.
 test: install
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q --durations=20 -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q --durations=10 -m "slow and not gpu"
 
 # The GPU tests (marker `gpu`) on this machine's CUDA GPUs with NCCL: one GPU, and two where
 # present. Run it in the GPU image (docker/), whose PyTorch brings CUDA and Transformer Engine.

@@ -209,7 +209,7 @@ def init_model_parallel(layout: ParallelLayout) -> None:
         raise ValueError(f"layout is for world_size={layout.world_size} but "
                          f"{torch.distributed.get_world_size()} processes are running")
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
@@ -235,10 +235,23 @@ def seed_everything(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def shutdown() -> None:
-    """Tear down Megatron's parallel state and the default process group."""
+def destroy_model_parallel() -> None:
+    """Megatron's parallel state and its process groups. ``parallel_state.destroy_model_parallel``
+    forgets the groups without destroying them: a process that builds its layout again would
+    keep every earlier group's threads and connections (measured: a launch of 42 test cases ran
+    in 167 s with them kept, 116 s with them destroyed; docs/testing.md)."""
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        world = torch.distributed.GroupMember.WORLD
+        for group in list(torch.distributed.distributed_c10d._world.pg_map):
+            if group is not world:
+                torch.distributed.destroy_process_group(group)
+
+
+def shutdown() -> None:
+    """Tear down Megatron's parallel state, its groups and the default process group."""
+    destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

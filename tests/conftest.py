@@ -8,6 +8,14 @@ import pytest
 import torch
 
 import parallel  # noqa: F401  (prepares Megatron-Core's import: see parallel.compat)
+from tests import distributed
+
+
+def pytest_collection_finish(session):
+    """The shared launches run only the case modules (a test file's ``CASES``) of the tests this
+    session selected: ``-m compat`` or one file does not pay for the others' cases."""
+    distributed.selected = {getattr(item.module, "CASES", None) for item in session.items
+                            if getattr(item, "module", None) is not None}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,6 +5,11 @@ each returns a JSON-serialisable value (the numbers the test asserts on). ``laun
 nproc)`` starts one torchrun with that many CPU processes, which run every case registered for
 that world size in order and write one JSON file per rank; pytest then asserts on the values.
 Results are cached per session, so several tests share one launch.
+
+The case modules in ``SHARED_LAUNCH`` need nothing from their tests (no environment, no order
+between world sizes), so one torchrun per world size runs all of those the session's tests use
+(``conftest.py`` narrows ``selected`` to them): each launch saves a process start and a Megatron
+import (about 10 s on 2 cores; docs/testing.md).
 """
 
 from __future__ import annotations
@@ -90,13 +95,19 @@ def gpu_test_env() -> dict:
     return {**env, "NVIDIA_TF32_OVERRIDE": "0", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 
 
+# Case modules that share one launch per world size, and those of them the session uses.
+# launch_env runs first: its cases read the state the worker's start-up left.
+SHARED_LAUNCH = ("tests.cases.launch_env", "tests.cases.training", "tests.cases.moue_model",
+                 "tests.cases.megatron_equivalence", "tests.cases.wgrad_fusion")
+selected: set[str] = set(SHARED_LAUNCH)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@functools.cache
 def launch(module: str, nproc: int, launcher: str = "torchrun", device: str = "cpu",
            only: tuple[str, ...] = (), env_vars: tuple[tuple[str, str], ...] = (),
            timeout: float = 900) -> Results:
@@ -105,14 +116,27 @@ def launch(module: str, nproc: int, launcher: str = "torchrun", device: str = "c
     ``launcher``: ``torchrun`` (the default) or ``mpirun`` (mpiexec of the installed MPI; ranks
     are read through mpi4py). ``device``: ``cpu`` (GPUs hidden, gloo, the CPU backend) or
     ``cuda`` (nccl). ``only``: run just these cases. ``env_vars``: extra environment.
+    A module of ``SHARED_LAUNCH`` launched plainly (torchrun, CPU, every case, no environment)
+    runs in the one launch of every selected shared module for this world size.
     """
+    if (module in SHARED_LAUNCH and launcher == "torchrun" and device == "cpu" and not only
+            and not env_vars):
+        modules = tuple(m for m in SHARED_LAUNCH if m in selected or m == module)
+        return _launch(modules, nproc, launcher, device, only, env_vars, timeout)[module]
+    return _launch((module,), nproc, launcher, device, only, env_vars, timeout)[module]
+
+
+@functools.cache
+def _launch(modules: tuple[str, ...], nproc: int, launcher: str, device: str,
+            only: tuple[str, ...], env_vars: tuple[tuple[str, str], ...],
+            timeout: float) -> dict[str, Results]:
     out = Path(tempfile.mkdtemp(prefix="moue-dist-"))
     base = (gpu_test_env() if device == "cuda"
             else dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1"))
     env = dict(base, OMP_NUM_THREADS="1", MOUE_TEST_DEVICE=device,
                MOUE_TEST_CASES=",".join(only), **dict(env_vars),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    worker = ["-m", "tests.dist_worker", module, str(out)]
+    worker = ["-m", "tests.dist_worker", ",".join(modules), str(out)]
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", *worker]
@@ -131,7 +155,7 @@ def launch(module: str, nproc: int, launcher: str = "torchrun", device: str = "c
     for rank in range(nproc):
         path = out / f"rank{rank}.json"
         if not path.exists():
-            pytest.fail(f"torchrun of {module} (nproc={nproc}) wrote no results for rank {rank} "
-                        f"(exit {proc.returncode}):\n{log[-6000:]}")
+            pytest.fail(f"torchrun of {', '.join(modules)} (nproc={nproc}) wrote no results for "
+                        f"rank {rank} (exit {proc.returncode}):\n{log[-6000:]}")
         by_rank.append(json.loads(path.read_text()))
-    return Results(by_rank, log)
+    return {m: Results([outcomes.get(m, {}) for outcomes in by_rank], log) for m in modules}

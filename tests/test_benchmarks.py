@@ -1,4 +1,6 @@
-"""The benchmark scripts still run (one timed step; the figures themselves are not tested)."""
+"""The benchmark scripts still run (one timed step; the figures themselves are not tested).
+The smoke runs are `slow` (`make test-slow`, which CI runs); their presets' configs are checked
+in `make test`."""
 
 import json
 import subprocess
@@ -96,6 +98,7 @@ def test_elastic_benchmark_trains_plain_and_elastic_and_tables_their_families(tm
     assert "ERNIE 5.0 ablation form" in proc.stdout and "| depth (4L / 3L) |" in proc.stdout
 
 
+@pytest.mark.slow
 def test_conversion_benchmark_continues_base_as_moe_and_widened_moue(tmp_path):
     proc, figures = _smoke("benchmarks/conversion.py", tmp_path)
     assert [(r["variant"], r["seed"]) for r in figures["runs"]] == [

@@ -51,3 +51,10 @@ def test_lone_processes_ignore_an_inherited_master_port():
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     assert [out.split()[-1] for out, _ in outs] == ["1", "1"]  # each a world of one
+
+
+def test_rebuilding_the_layout_destroys_the_earlier_groups():
+    for value in launch(CASES, 2)["layout_rebuilt"]:
+        first, _, again = value["groups"]
+        assert first > 1 and again == first, value  # not 3 layouts' groups alive at once
+        assert value["after_destroy"] == 1, value  # the default group only

@@ -18,3 +18,18 @@ def world():
             "world_size": env.world_size, "all_reduce": total.item(),
             "backend": torch.distributed.get_backend(),
             "megatron_dp": parallel_state.get_data_parallel_world_size()}
+
+
+@CASES.case(nproc=2)
+def layout_rebuilt():
+    """Megatron's groups after building the layout once, and again after rebuilding it twice
+    (earlier groups destroyed, not kept alive beside the new ones)."""
+    from parallel.layout import ParallelLayout
+
+    groups = torch.distributed.distributed_c10d._world.pg_map
+    counts = []
+    for tp in (2, 1, 2):
+        launch.init_model_parallel(ParallelLayout(world_size=2, tp=tp))
+        counts.append(len(groups))
+    launch.destroy_model_parallel()
+    return {"groups": counts, "after_destroy": len(groups)}
