@@ -157,6 +157,9 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
     parser.add_argument("--seeds", type=int, help="seeds per variant (default: the preset's)")
     parser.add_argument("--jobs", type=int, help="runs at once (default: the preset's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads of each run (OMP_NUM_THREADS; default 1, as the tests "
+                             "pin it, so the figures do not depend on --jobs or the core count)")
     parser.add_argument("--data", help="prefix of a byte-tokenized dataset (default: the "
                                        "built-in corpus, built in the work directory)")
     parser.add_argument("--work-dir", default="runs/elastic", help="runs, logs, checkpoints")
@@ -171,7 +174,7 @@ def main(argv=None) -> int:
     shared = [*preset.shape, "data.mock=false", f"data.path={data}", "data.tokenizer=byte",
               f"data.seed={DATA_SEED}", *args.overrides]
     names = variants(preset)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = args.threads
     plan = [(v, s) for s in seeds for v in names]
     from tqdm import tqdm
 
@@ -196,7 +199,8 @@ def main(argv=None) -> int:
     cfg = load_config(None, [*preset.shape, *names["elastic"], "data.mock=true"])
     c = cfg.elastic_choices()
     full, reduced = (c.num_layers, c.num_experts, c.full_topk), (c.layers[-1], c.experts[-1], c.topk[0])
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs" + gpu_name()
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, {threads} thread(s) per run"
+               + gpu_name())
     print(f"\nHeld-out loss of every sub-model, preset {args.preset}, seeds {seeds} - {machine}\n")
     lines = family_table(results, list(names))
     lines += ["", "ERNIE 5.0 ablation form (held-out loss):", "", *ablation_table(results, full, reduced)]

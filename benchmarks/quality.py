@@ -227,6 +227,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, help="seeds per variant (default: the preset's)")
     parser.add_argument("--variants", nargs="+", help="subset to train; moe is always included")
     parser.add_argument("--jobs", type=int, help="runs at once (default: the preset's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads of each run (OMP_NUM_THREADS; default 1, as the tests "
+                             "pin it, so the figures do not depend on --jobs or the core count)")
     parser.add_argument("--data", help="prefix of a byte-tokenized dataset (default: build the "
                                        "built-in corpus in the work directory)")
     parser.add_argument("--work-dir", default="runs/quality", help="runs, logs and the plot")
@@ -252,7 +255,7 @@ def main(argv=None) -> int:
               f"data.seed={DATA_SEED}", f"logging.ep_balance_ranks={args.ep_ranks}",
               *args.overrides]
     plan = [(v, s) for s in seeds for v in chosen]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = args.threads
     from tqdm import tqdm
 
     results = []
@@ -267,7 +270,8 @@ def main(argv=None) -> int:
     names = {v: names_overrides[v][0] for v in chosen}
     params = {v: _params([*shared, *names_overrides[v][1]]) for v in chosen}
     steps = results[0]["curve"][-1][0]
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs" + gpu_name()
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, {threads} thread(s) per run"
+               + gpu_name())
     print(f"\nHeld-out loss after {steps} steps, preset {args.preset}, seeds {seeds} - {machine}\n")
     for line in table(results, names, params):
         print(line)

@@ -241,8 +241,16 @@ def destroy_model_parallel() -> None:
     keep every earlier group's threads and connections (measured: a launch of 42 test cases ran
     in 167 s with them kept, 116 s with them destroyed; docs/testing.md)."""
     from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     parallel_state.destroy_model_parallel()
+    # Megatron 0.16 leaves some groups set (_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP and its
+    # gloo twin), and its MoE figure tracker holds each entry's reduce groups: either keeps a
+    # destroyed group's threads alive.
+    for name, value in list(vars(parallel_state).items()):
+        if name.startswith("_") and isinstance(value, torch.distributed.ProcessGroup):
+            setattr(parallel_state, name, None)
+    get_moe_layer_wise_logging_tracker().clear()
     if torch.distributed.is_initialized():
         world = torch.distributed.GroupMember.WORLD
         for group in list(torch.distributed.distributed_c10d._world.pg_map):
@@ -251,7 +259,14 @@ def destroy_model_parallel() -> None:
 
 
 def shutdown() -> None:
-    """Tear down Megatron's parallel state, its groups and the default process group."""
+    """Tear down Megatron's parallel state, its groups and the default process group, and switch
+    the CPU adaptations off: they live only while a CPU world is up (with them on, a later
+    ``transformers`` ``from_pretrained`` in the same process left Mixtral's RoPE buffer
+    uninitialised; docs/cpu_backend.md)."""
+    from parallel import cpu_backend
+
     destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    if cpu_backend.active() is not None:
+        cpu_backend.active().disable()

@@ -1,27 +1,33 @@
-"""Run many multi-rank test cases in one ``torchrun`` launch (launches cost ~10 s each on 2 cores).
+"""Run many multi-rank test cases per launch, on test workers kept up for the session.
 
 A case module defines ``CASES = Cases()`` and registers functions with ``@CASES.case(nproc=2)``;
 each returns a JSON-serialisable value (the numbers the test asserts on). ``launch(module,
-nproc)`` starts one torchrun with that many CPU processes, which run every case registered for
-that world size in order and write one JSON file per rank; pytest then asserts on the values.
-Results are cached per session, so several tests share one launch.
+nproc)`` runs every case registered for that world size in order, on CPU processes, and returns
+one value per rank; pytest then asserts on the values. Results are cached per session, so several
+tests share one launch.
+
+A CPU torchrun launch is a request to ``Workers``: one torchrun per world size stays up for the
+session, so only its first launch pays the process start and Megatron's import (about 10 s on 2
+cores; docs/testing.md). ``mpirun`` and ``device="cuda"`` launches start processes of their own.
 
 The case modules in ``SHARED_LAUNCH`` need nothing from their tests (no environment, no order
-between world sizes), so one torchrun per world size runs all of those the session's tests use
-(``conftest.py`` narrows ``selected`` to them): each launch saves a process start and a Megatron
-import (about 10 s on 2 cores; docs/testing.md).
+between world sizes), so one request per world size runs all of those the session's tests use
+(``conftest.py`` narrows ``selected`` to them).
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,16 +136,14 @@ def launch(module: str, nproc: int, launcher: str = "torchrun", device: str = "c
 def _launch(modules: tuple[str, ...], nproc: int, launcher: str, device: str,
             only: tuple[str, ...], env_vars: tuple[tuple[str, str], ...],
             timeout: float) -> dict[str, Results]:
+    if launcher == "torchrun" and device == "cpu":
+        by_rank, log = _workers(nproc).run(modules, only, dict(env_vars), timeout)
+        return {m: Results([outcomes.get(m, {}) for outcomes in by_rank], log) for m in modules}
     out = Path(tempfile.mkdtemp(prefix="moue-dist-"))
-    base = (gpu_test_env() if device == "cuda"
-            else dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1"))
-    env = dict(base, OMP_NUM_THREADS="1", MOUE_TEST_DEVICE=device,
-               MOUE_TEST_CASES=",".join(only), **dict(env_vars),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(_base_env(device), MOUE_TEST_CASES=",".join(only), **dict(env_vars))
     worker = ["-m", "tests.dist_worker", ",".join(modules), str(out)]
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", *worker]
+        cmd = [*_torchrun(nproc), *worker]
     elif launcher == "mpirun":
         env["MASTER_PORT"] = str(_free_port())
         mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or "mpiexec"
@@ -159,3 +163,81 @@ def _launch(modules: tuple[str, ...], nproc: int, launcher: str, device: str,
                         f"rank {rank} (exit {proc.returncode}):\n{log[-6000:]}")
         by_rank.append(json.loads(path.read_text()))
     return {m: Results([outcomes.get(m, {}) for outcomes in by_rank], log) for m in modules}
+
+
+def _base_env(device: str) -> dict:
+    base = (gpu_test_env() if device == "cuda"
+            else dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1"))
+    return dict(base, OMP_NUM_THREADS="1", MOUE_TEST_DEVICE=device,
+                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}"]
+
+
+class Workers:
+    """One torchrun of ``nproc`` CPU workers kept up for the session (``dist_worker --serve``):
+    each launch is a request file its ranks run in order, so only the first launch of a world
+    size pays the process start and Megatron's import (about 10 s on 2 cores). A request runs
+    from the start-up layout with its own environment variables. If the workers die (a case
+    crashed the process) or a request times out, the launch fails with their log and the next
+    one starts new workers."""
+
+    def __init__(self, nproc: int):
+        self.nproc, self.requests = nproc, 0
+        self.dir = Path(tempfile.mkdtemp(prefix=f"moue-workers{nproc}-"))
+        self.log_path = self.dir / "log.txt"
+        env = dict(_base_env("cpu"), MOUE_TEST_PARENT=str(os.getpid()))
+        command = [*_torchrun(nproc), "-m", "tests.dist_worker", "--serve", str(self.dir)]
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self, start: int = 0) -> str:
+        return self.log_path.read_text(errors="replace")[start:]
+
+    def run(self, modules: tuple[str, ...], only: tuple[str, ...], env: dict,
+            timeout: float) -> tuple[list[dict], str]:
+        n, self.requests = self.requests, self.requests + 1
+        start = len(self.log())
+        ask = self.dir / f".request{n}.json"
+        ask.write_text(json.dumps({"modules": list(modules), "only": list(only), "env": env}))
+        ask.rename(self.dir / f"request{n}.json")
+        results = [self.dir / f"result{n}_rank{r}.json" for r in range(self.nproc)]
+        deadline = time.monotonic() + timeout
+        while not all(p.exists() for p in results):
+            late = time.monotonic() > deadline
+            if self.proc.poll() is not None or late:
+                what = f"timed out after {timeout:.0f} s" if late else f"exit {self.proc.returncode}"
+                self.stop()
+                _WORKERS.pop(self.nproc, None)
+                pytest.fail(f"the {self.nproc}-process test workers running {', '.join(modules)} "
+                            f"stopped ({what}):\n{self.log(start)[-6000:]}")
+            time.sleep(0.02)
+        return [json.loads(p.read_text()) for p in results], self.log(start)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            (self.dir / f"request{self.requests}.json").write_text('{"stop": true}')
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # torchrun and its workers
+                self.proc.wait()
+
+
+_WORKERS: dict[int, Workers] = {}
+
+
+def _workers(nproc: int) -> Workers:
+    if nproc not in _WORKERS:
+        _WORKERS[nproc] = Workers(nproc)
+    return _WORKERS[nproc]
+
+
+@atexit.register
+def _stop_workers() -> None:
+    for workers in list(_WORKERS.values()):
+        workers.stop()

@@ -208,6 +208,7 @@ def train(build_fn, layout: ParallelLayout, steps: int = 3, **build_kwargs) -> d
         tracked = tracked_moe_values(num_micro, pg)
         balance.append(sum(tracked.get("balance_loss", [])))
         ep_balance.append(sum(tracked.get("ep_balance_loss", [])))
+    engine.close()  # the model stays readable; the engine's groups are freed with it
     return {"losses": losses, "grad_norms": grad_norms, "balance_loss": balance,
             "ep_balance_loss": ep_balance, "model": engine.model}
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -181,33 +182,43 @@ def test_pruning_keeps_the_newest_up_to_the_saved_step(tmp_path):
     assert [p.name for p in step_checkpoints(tmp_path)] == ["step_0000006", "step_0000008"]
 
 
-def _pretrain(tmp_path, *extra) -> subprocess.CompletedProcess:
+PRETRAIN = ["--config", TINY, "parallel.ep=1", "train.warmup_steps=1", "train.eval_interval=0",
+            "model.seq_length=32", "train.global_batch_size=4", "train.micro_batch_size=2"]
+
+
+def _pretrain(capsys, tmp_path, *extra, process: bool = False):
+    """moue-pretrain on one process: its ``main`` in this process (a process start and Megatron's
+    import saved, about 7 s each), or with ``process`` a real one; returns the exit status and
+    stderr."""
+    argv = [*PRETRAIN, f"logging.dir={tmp_path / 'run'}", f"checkpoint.dir={tmp_path / 'ckpt'}",
+            *extra]
+    if not process:
+        capsys.readouterr()
+        code = pretrain(argv)
+        return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(name, None)
-    cmd = [sys.executable, "-m", "moue.cli", "--config", TINY, "parallel.ep=1",
-           "train.warmup_steps=1", "train.eval_interval=0", "model.seq_length=32",
-           "train.global_batch_size=4", "train.micro_batch_size=2",
-           f"logging.dir={tmp_path / 'run'}", f"checkpoint.dir={tmp_path / 'ckpt'}", *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "moue.cli", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
-def test_checkpoints_resume_with_new_training_knobs_and_damaged_ones_are_named(tmp_path):
-    first = _pretrain(tmp_path, "train.steps=2", "checkpoint.interval=1")
+def test_checkpoints_resume_with_new_training_knobs_and_damaged_ones_are_named(tmp_path, capsys):
+    first = _pretrain(capsys, tmp_path, "train.steps=2", "checkpoint.interval=1")
     assert first.returncode == 0, first.stderr[-2000:]
     # Training knobs may change on resume; the architecture may not.
-    knobs = _pretrain(tmp_path, "train.steps=3", "moe.balance_coeff=0.02",
+    knobs = _pretrain(capsys, tmp_path, "train.steps=3", "moe.balance_coeff=0.02",
                       "moe.dispatcher=allgather", "train.lr=0.002", "train.min_lr=0.0002",
                       "model.seq_length=16")  # RoPE: the context length may change too
     assert knobs.returncode == 0, knobs.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # The schedule's shape is the resumed run's: step 3 of 3 ends at its min_lr, not the old one.
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["lr"] == pytest.approx(2e-4)
-    other = _pretrain(tmp_path, "train.steps=4", "moe.window=4")
+    other = _pretrain(capsys, tmp_path, "train.steps=4", "moe.window=4")
     assert other.returncode == 2 and "is of another model" in other.stderr
     assert "moe.window: checkpoint 8, now 4" in other.stderr
     (tmp_path / "ckpt" / "step_0000003" / "trainer.pt").write_bytes(b"garbage")
-    damaged = _pretrain(tmp_path, "train.steps=4")
+    damaged = _pretrain(capsys, tmp_path, "train.steps=4", process=True)
     assert damaged.returncode == 2, damaged.stderr[-2000:]
     assert "step_0000003: cannot load trainer.pt" in damaged.stderr
     assert "point " in damaged.stderr and "step_0000002" in damaged.stderr
@@ -215,7 +226,7 @@ def test_checkpoints_resume_with_new_training_knobs_and_damaged_ones_are_named(t
     (tmp_path / "ckpt" / "latest").write_text("step_0000002\n")  # as the message suggests
     for shard in (tmp_path / "ckpt" / "step_0000002").glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:64])  # truncated shards
-    shards = _pretrain(tmp_path, "train.steps=4")
+    shards = _pretrain(capsys, tmp_path, "train.steps=4")
     assert shards.returncode == 2, shards.stderr[-2000:]
     assert "step_0000002: cannot load the model and optimizer shards" in shards.stderr
     # Pointing latest back (a roll-back) set the newer step_3 aside, kept and never resumed.
@@ -223,8 +234,8 @@ def test_checkpoints_resume_with_new_training_knobs_and_damaged_ones_are_named(t
     assert "Traceback" not in shards.stderr
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    as_file = _pretrain(tmp_path, "train.steps=2", f"checkpoint.dir={blocker}")
+    as_file = _pretrain(capsys, tmp_path, "train.steps=2", f"checkpoint.dir={blocker}")
     assert as_file.returncode == 2 and f"checkpoint.dir={blocker}: is a file" in as_file.stderr
-    no_log = _pretrain(tmp_path, "train.steps=2", f"logging.dir={blocker / 'run'}")
+    no_log = _pretrain(capsys, tmp_path, "train.steps=2", f"logging.dir={blocker / 'run'}")
     assert no_log.returncode == 2 and "logging.dir=" in no_log.stderr
     assert "cannot write there" in no_log.stderr

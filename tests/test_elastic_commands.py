@@ -14,6 +14,7 @@ import pytest
 
 from moue.config import load_config
 from moue.model.size import param_counts
+from tests.commands import refused
 from tests.distributed import max_rel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,19 +32,6 @@ def _run(cmd, expect=0):
 
 def _cli(command, *args, expect=0):
     return _run([sys.executable, "-m", "moue.cli", command, *args], expect)
-
-
-def _refused(capsys, *argv) -> str:
-    """A refusal in this process (the command's own ``main``; a process start and import saved,
-    about 3 s each): exit status 2 and the message; test_bad_eval_and_export_paths checks the
-    status of real processes."""
-    from moue.cli import main
-
-    capsys.readouterr()
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    return err
 
 
 def _rows(path) -> dict:
@@ -141,19 +129,19 @@ def test_export_trains_on_under_another_layout(trained, family, exported):
 ])
 def test_bad_export_names_the_problem_and_writes_nothing(trained, capsys, args, message):
     out = trained / "refused"
-    err = _refused(capsys, "export", "--load", str(trained / "ckpt"), "--output", str(out), *args)
+    err = refused(capsys, "export", "--load", str(trained / "ckpt"), "--output", str(out), *args)
     assert message in err, err
     assert not out.exists() and not list(trained.glob(".refused*"))
 
 
-def test_bad_eval_and_export_paths(trained, exported):
-    proc = _cli("eval", "--load", str(trained / "run"), expect=2)
+def test_bad_eval_and_export_paths(trained, exported, capsys):
+    proc = _cli("eval", "--load", str(trained / "run"), expect=2)  # a real process's status
     assert "not a checkpoint; give a checkpoint.dir" in proc.stderr
-    proc = _cli("eval", "--load", str(trained / "ckpt"), "--submodel", "width=3", expect=2)
-    assert "unknown axis 'width'" in proc.stderr
-    proc = _cli("export", "--load", str(trained / "ckpt"), "--submodel", SMALL, "--output",
-                str(exported), expect=2)
-    assert "exists; give a new directory" in proc.stderr
+    err = refused(capsys, "eval", "--load", str(trained / "ckpt"), "--submodel", "width=3")
+    assert "unknown axis 'width'" in err
+    err = refused(capsys, "export", "--load", str(trained / "ckpt"), "--submodel", SMALL,
+                  "--output", str(exported))
+    assert "exists; give a new directory" in err
 
 
 def _validation_rows(path: Path) -> None:
@@ -206,5 +194,5 @@ def test_bad_token_arrays_name_the_problem(trained, tmp_path, capsys, array, mes
                     expect=1)
         assert proc.stderr.count(message) == 1, proc.stderr[-2000:]  # said once, by rank 0
         return
-    err = _refused(capsys, "eval", "--load", str(trained / "ckpt"), "--tokens", str(path))
+    err = refused(capsys, "eval", "--load", str(trained / "ckpt"), "--tokens", str(path))
     assert message in err, err[-2000:]

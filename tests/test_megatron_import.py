@@ -20,6 +20,7 @@ from moue.convert.megatron_lm import import_megatron, moue_sections
 from moue.training.evaluate import evaluate_tokens
 from parallel.errors import UserError
 from tests.cases.megatron_checkpoints import SAVES, VARIANTS
+from tests.commands import refused
 from tests.distributed import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,14 +209,14 @@ def test_bad_megatron_inputs_are_named_and_nothing_is_written(base, tmp_path, mo
     assert not out.exists()
 
 
-def test_tokenizer_flag_and_existing_output_on_the_command_line(base, tmp_path):
+def test_tokenizer_flag_and_existing_output_on_the_command_line(base, tmp_path, capsys):
     proc = _cli("convert", "import", "--megatron", str(base / "gqa" / "single"), "--output",
                 str(tmp_path / "byte"), "--tokenizer", "byte")
     assert "data.tokenizer" not in proc.stderr
     assert "tokenizer: byte" in (tmp_path / "byte" / "config.yaml").read_text()
-    proc = _cli("convert", "import", "--megatron", str(base / "gqa" / "single"), "--output",
-                str(tmp_path / "byte"), expect=2)
-    assert "exists" in proc.stderr
-    proc = _cli("convert", "import", "--hf", str(tmp_path), "--tokenizer", "byte", "--output",
-                str(tmp_path / "x"), expect=2)
-    assert "--tokenizer goes with --megatron" in proc.stderr
+    err = refused(capsys, "convert", "import", "--megatron", str(base / "gqa" / "single"),
+                  "--output", str(tmp_path / "byte"))
+    assert "exists" in err
+    err = refused(capsys, "convert", "import", "--hf", str(tmp_path), "--tokenizer", "byte",
+                  "--output", str(tmp_path / "x"))
+    assert "--tokenizer goes with --megatron" in err

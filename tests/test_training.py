@@ -1,12 +1,16 @@
 """moue-pretrain's training loop: the same loss curve under every layout, read from metrics.jsonl."""
 
+import gc
 import math
+import weakref
+from pathlib import Path
 
 import pytest
 
 from tests.distributed import launch, max_rel
 
 CASES = "tests.cases.training"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rows(name, nproc, kind="train"):
@@ -243,3 +247,47 @@ def test_non_finite_loss_stops_naming_the_step_or_is_skipped():
     skip = launch(CASES, 1)["nan[skip]"][0]
     assert skip["skipped"] and skip["unchanged"] and skip["step"] == 2
     assert math.isfinite(skip["next_loss"])  # training goes on with the next batch
+
+
+def _gloo_threads() -> int:
+    tasks = Path("/proc/self/task")
+    return sum("gloo" in (task / "comm").read_text() for task in tasks.iterdir())
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_a_finished_run_frees_its_model_groups_and_processes(tmp_path):
+    """A run done inside a process (eval after training, a notebook, this suite) leaves nothing
+    behind: Megatron's DDP hooks hold the wrapper through the autograd graph, out of the
+    collector's sight, so before ``Engine.close`` each run kept its model and every process group
+    with its gloo threads (45 more threads per run, measured); and its checkpoint save left
+    Megatron's spawned results server running as a child process; and the CPU adaptations
+    stayed on (docs/cpu_backend.md)."""
+    import psutil
+    import torch
+
+    import parallel  # noqa: F401  (prepares Megatron-Core's import)
+    from moue.config import load_config
+    from moue.run_check import check_run
+    from moue.training.trainer import train
+    from parallel import cpu_backend
+    from parallel import launch as process_groups
+
+    before, children = _gloo_threads(), set(psutil.Process().children())  # the test workers
+    cfg = load_config(str(ROOT / "examples/configs/tiny_cpu.yaml"), [
+        "parallel.ep=1", "model.seq_length=16", "train.steps=2", "train.warmup_steps=1",
+        "train.eval_interval=0", "elastic.enabled=true", f"checkpoint.dir={tmp_path / 'ckpt'}",
+        f"logging.dir={tmp_path / 'log'}"])
+    layout = process_groups.init_distributed(check_run(cfg, 1), device="cpu")
+    try:
+        trainer = train(cfg, layout, torch.device("cpu"))
+        model, optimizer = weakref.ref(trainer.model.module), weakref.ref(trainer.optimizer)
+        assert _gloo_threads() > before  # the count sees the run's groups
+        del trainer
+    finally:
+        process_groups.shutdown()
+    gc.collect()
+    assert (tmp_path / "ckpt" / "latest").is_file()  # it saved
+    assert model() is None and optimizer() is None
+    assert _gloo_threads() == before
+    assert set(psutil.Process().children()) == children
+    assert cpu_backend.active() is None  # the CPU adaptations are off again

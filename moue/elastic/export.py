@@ -153,13 +153,16 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
     single = load_config(None, [*SINGLE, f"checkpoint.dir={tmp}"], base=tree)
     layout = check_run(single, 1)
     launch.init_distributed(layout, device="cpu", env=env)
+    built = []
     try:
         launch.seed_everything(cfg.train.seed)
         device = torch.device("cpu")
         source = Trainer(cfg, layout, device)
+        built.append(source)
         checkpoint.load_checkpoint(path, model=source.model.module, optimizer=None,
                                    run_config=cfg, pg_collection=source.pg)
         result = Trainer(single, layout, device)
+        built.append(result)
         module = result.model.module
         module.load_state_dict(submodel_state(source.model.module.state_dict(), cfg, sub,
                                               module.state_dict()))
@@ -167,6 +170,8 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
         tmp.mkdir(parents=True)
         result.save()
     finally:
+        for trainer in built:
+            trainer.close()
         launch.shutdown()
     (tmp / "config.yaml").write_text(yaml.safe_dump(target.to_dict(), sort_keys=False,
                                                      default_flow_style=None))

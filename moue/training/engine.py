@@ -56,6 +56,41 @@ class Engine:
         ok, grad_norm, _ = self.optimizer.step()
         return ok, (float(grad_norm) if grad_norm is not None else None), lr
 
+    def close(self) -> None:
+        """Let the engine be freed once it is dropped; it cannot train after this.
+
+        Megatron's DDP puts a hook that holds the DDP wrapper on every parameter's gradient
+        accumulator. Those accumulators are reached through the autograd graph, which Python's
+        collector cannot see: from DDP's ``grad_accs``, from the fp32 optimizer's views of the
+        parameters (``model_param.view(-1)[...]``, not detached) and from tensors a module kept
+        of its last forward (Megatron's token dispatcher keeps ``probs``); and a method cached
+        on a class holds its instances (Megatron's ``RotaryEmbedding.forward`` is an
+        ``lru_cache``, whose module holds the context-parallel group). An engine dropped
+        without this stays alive with its model, buffers and every process group it holds, whose
+        gloo threads keep running: a process that builds engines one after another (eval after
+        training, notebooks, a test suite) grows by ~45 threads each (measured, docs/testing.md).
+        """
+        config = self.model.config
+        config.finalize_model_grads_func = config.no_sync_func = config.grad_scale_func = None
+        self.model.grad_accs.clear()
+        modules = list(self.model.modules())
+        for cls in {klass for module in modules for klass in type(module).__mro__}:
+            for attr in vars(cls).values():
+                if callable(getattr(attr, "cache_clear", None)):
+                    attr.cache_clear()  # as Megatron's YaRN embedding clears its own
+        for module in modules:
+            holders = [module, *(v for v in vars(module).values() if _plain_object(v))]
+            for holder in holders:
+                for name, value in list(vars(holder).items()):
+                    if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                        setattr(holder, name, None)
+
+
+def _plain_object(value) -> bool:
+    """An object a module keeps beside its submodules and tensors (a token dispatcher, say)."""
+    return (hasattr(value, "__dict__") and not isinstance(value, (torch.Tensor, torch.nn.Module, type))
+            and not callable(value))
+
 
 def build_engine(module: torch.nn.Module, config: TransformerConfig, train: TrainConfig, *,
                  distributed_optimizer: bool = True) -> Engine:

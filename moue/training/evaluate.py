@@ -87,6 +87,7 @@ def loaded_trainer(path: Path | None, cfg: RunConfig, layout, env, device: str =
     from moue.training.trainer import Trainer
 
     launch.init_distributed(layout, device=device, env=env)
+    trainer = None
     try:
         launch.seed_everything(cfg.train.seed)
         trainer = Trainer(cfg, layout, launch.resolve_device(device))
@@ -96,6 +97,8 @@ def loaded_trainer(path: Path | None, cfg: RunConfig, layout, env, device: str =
             trainer.state.step = extra["state"]["step"]  # what depends on it: widening
         yield trainer
     finally:
+        if trainer is not None:
+            trainer.close()
         launch.shutdown()
 
 

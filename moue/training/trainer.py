@@ -17,7 +17,6 @@ loads them ahead of the step).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import signal
@@ -119,6 +118,7 @@ class Trainer:
         self.full = full_submodel(choices) if choices else None
         self.submodel_figures = SubModelFigures()
         self._batches, self._batches_at = None, None  # the training stream (_train_batches)
+        self._flops: dict[SubModel, float] = {}
 
     def build_module(self, megatron_config) -> torch.nn.Module:
         """This rank's model chunk (a Megatron module whose ``config`` the engine steps with).
@@ -151,10 +151,21 @@ class Trainer:
                        k_ideal=self.cfg.elastic_choices().k_ideal, routing_seed=routing_seed,
                        sharpen_coeff=e.sharpen_coeff if self.schedule else 0.0)
 
-    @functools.cache  # noqa: B019 - one Trainer per run, a handful of sub-models
     def _submodel_flops(self, sub: SubModel) -> float:
-        cfg = self.cfg
-        return flops_per_token(cfg.model, cfg.moe, cfg.topology(), sub)
+        if sub not in self._flops:  # per Trainer: a class-level cache would keep every Trainer
+            cfg = self.cfg
+            self._flops[sub] = flops_per_token(cfg.model, cfg.moe, cfg.topology(), sub)
+        return self._flops[sub]
+
+    def close(self) -> None:
+        """Release the engine (``Engine.close``); the Trainer's data and model stay readable."""
+        self.engine.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def save(self) -> None:
         ckpt = self.cfg.checkpoint
@@ -364,7 +375,8 @@ def run(cfg: RunConfig) -> None:
 
 
 def train(cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> Trainer:
-    """Build and train on an initialised world (``run`` starts one; tests reuse theirs)."""
+    """Build and train on an initialised world (``run`` starts one; tests reuse theirs). Returns
+    the Trainer, closed (``Trainer.close``): its model and data stay readable."""
     if check_run(cfg, layout.world_size) != layout:
         raise ValueError(f"the layout {layout.describe()} is not the one cfg.parallel gives")
     with checkpoint.run_lock(cfg.checkpoint.dir, cfg.logging.dir):
@@ -378,4 +390,5 @@ def train(cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> Train
             trainer.fit(logger)
         finally:
             logger.close()
+            trainer.close()
     return trainer

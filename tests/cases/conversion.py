@@ -30,10 +30,10 @@ def _max_logit_diff(family: str, layout_name: str) -> float | None:
     layout = ParallelLayout(world_size=torch.distributed.get_world_size(), tp=tp, pp=pp, ep=ep)
     init_model_parallel(layout)
     seed_everything(cfg.train.seed)
-    trainer = Trainer(cfg, layout, torch.device("cpu"))
-    checkpoint.load_checkpoint(path, model=trainer.model.module, optimizer=None, run_config=cfg,
-                               pg_collection=trainer.pg)
-    logits = token_logits(trainer, rows)
+    with Trainer(cfg, layout, torch.device("cpu")) as trainer:
+        checkpoint.load_checkpoint(path, model=trainer.model.module, optimizer=None,
+                                   run_config=cfg, pg_collection=trainer.pg)
+        logits = token_logits(trainer, rows)
     if logits is None:
         return None
     reference = torch.from_numpy(np.load(base / family / "reference_logits.npy"))

@@ -153,17 +153,17 @@ def _nan_at_step_2(on_nan: str) -> dict:
 
     training.Trainer._run_schedule = schedule
     try:
-        trainer = training.Trainer(cfg, layout, torch.device("cpu"))
-        trainer.train_step()
-        before = [p.detach().clone() for p in trainer.model.parameters()]
-        try:
-            metrics = trainer.train_step()
-        except training.NonFiniteLoss as err:
-            return {"error": str(err)}
-        unchanged = all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(),
-                                                          strict=True))
-        return {"skipped": metrics["skipped"], "unchanged": unchanged, "step": trainer.state.step,
-                "next_loss": trainer.train_step()["loss"]}
+        with training.Trainer(cfg, layout, torch.device("cpu")) as trainer:
+            trainer.train_step()
+            before = [p.detach().clone() for p in trainer.model.parameters()]
+            try:
+                metrics = trainer.train_step()
+            except training.NonFiniteLoss as err:
+                return {"error": str(err)}
+            unchanged = all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(),
+                                                              strict=True))
+            return {"skipped": metrics["skipped"], "unchanged": unchanged,
+                    "step": trainer.state.step, "next_loss": trainer.train_step()["loss"]}
     finally:
         training.Trainer._run_schedule = original
 

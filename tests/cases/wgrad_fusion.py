@@ -63,29 +63,29 @@ def train_recording_main_grads(layout_name: str, pool: str, fusion: bool, *overr
                                undo_fix: bool = False) -> list[dict]:
     """Two steps; per step the loss, the grad norm, how many pool weights took the fused path,
     and every parameter's main_grad as the optimizer step begins."""
-    trainer = _trainer(layout_name, f"moe.expert_impl={pool}",
-                       f"train.grad_accum_fusion={str(fusion).lower()}", *overrides)
-    if undo_fix:  # the pool as it was built before the fix: TE overwrites on the first call
-        for sub in _pool(trainer).modules():
-            if hasattr(sub, "disable_parameter_transpose_cache"):
-                sub.disable_parameter_transpose_cache = False
-    names = {p: n for n, p in trainer.model.module.named_parameters()}
-    steps, grads = [], {}
-    optimizer_step = trainer.engine.optimizer_step
+    with _trainer(layout_name, f"moe.expert_impl={pool}",
+                  f"train.grad_accum_fusion={str(fusion).lower()}", *overrides) as trainer:
+        if undo_fix:  # the pool as it was built before the fix: TE overwrites on the first call
+            for sub in _pool(trainer).modules():
+                if hasattr(sub, "disable_parameter_transpose_cache"):
+                    sub.disable_parameter_transpose_cache = False
+        names = {p: n for n, p in trainer.model.module.named_parameters()}
+        steps, grads = [], {}
+        optimizer_step = trainer.engine.optimizer_step
 
-    def record_then_step():
-        grads.clear()
-        grads.update({n: p.main_grad.detach().clone() for p, n in names.items()})
-        grads["fused"] = sum(1 for p, n in names.items()
-                             if p.grad_added_to_main_grad and _group(n) == "pool")
-        return optimizer_step()
+        def record_then_step():
+            grads.clear()
+            grads.update({n: p.main_grad.detach().clone() for p, n in names.items()})
+            grads["fused"] = sum(1 for p, n in names.items()
+                                 if p.grad_added_to_main_grad and _group(n) == "pool")
+            return optimizer_step()
 
-    trainer.engine.optimizer_step = record_then_step
-    for _ in range(2):
-        metrics = trainer.train_step()
-        fused = grads.pop("fused")
-        steps.append({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                      "fused_pool_params": fused, "main_grad": dict(grads)})
+        trainer.engine.optimizer_step = record_then_step
+        for _ in range(2):
+            metrics = trainer.train_step()
+            fused = grads.pop("fused")
+            steps.append({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                          "fused_pool_params": fused, "main_grad": dict(grads)})
     return steps
 
 
@@ -170,6 +170,7 @@ def build_collectives(layout_name: str) -> dict:
             trainer = _trainer(layout_name)
     finally:
         trainer_module.build_model = original
+    trainer.close()
     return {"device": str(trainer.device),
             "moue_in_build_model": [c for c in during_build if not c[1].startswith("megatron.")],
             "megatron_in_build_model": [c for c in during_build if c[1].startswith("megatron.")],
