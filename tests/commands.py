@@ -12,3 +12,14 @@ def refused(capsys, *argv: str) -> str:
     err = capsys.readouterr().err
     assert err.count("error") >= 1 and "Traceback" not in err, err
     return err
+
+
+def ran(*argv: str, capsys=None) -> str:
+    """A command that must succeed, run in this process (its ``main``); returns its stdout when
+    ``capsys`` is given (a module fixture has none, and leaves the output to pytest)."""
+    from moue.cli import main
+
+    if capsys is not None:
+        capsys.readouterr()
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out if capsys is not None else ""

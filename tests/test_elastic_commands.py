@@ -14,7 +14,7 @@ import pytest
 
 from moue.config import load_config
 from moue.model.size import param_counts
-from tests.commands import refused
+from tests.commands import ran, refused
 from tests.distributed import max_rel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,12 +91,12 @@ def test_family_losses_are_the_same_under_pp2(trained, family):
 @pytest.fixture(scope="module")
 def exported(trained):
     out = trained / "small"
-    _cli("export", "--load", str(trained / "ckpt"), "--submodel", SMALL, "--output", str(out))
+    ran("export", "--load", str(trained / "ckpt"), "--submodel", SMALL, "--output", str(out))
     return out
 
 
 def test_export_evaluates_to_the_submodels_loss_and_is_smaller(trained, family, exported):
-    _cli("eval", "--load", str(exported), "--json", str(trained / "small.json"))
+    ran("eval", "--load", str(exported), "--json", str(trained / "small.json"))
     # layers 0 and 3 keep 8 experts, of which 6 are in their windows: the export has those
     alone = _rows(trained / "small.json")["layers=2,experts=6,topk=1"]
     assert abs(alone["loss"] - family[SMALL]["loss"]) / family[SMALL]["loss"] <= 1e-5
@@ -162,18 +162,18 @@ def _validation_rows(path: Path) -> None:
 
 
 def test_tokens_loss_is_the_tables_loss_on_the_same_tokens_under_any_layout(
-        trained, family, tmp_path):
+        trained, family, tmp_path, capsys):
     """--tokens on the validation batches' tokens gives the family table's full-model loss, in
     one process and under EP=2; a random array scores far worse than those (trained) batches."""
     tokens = tmp_path / "valid.npy"
     _validation_rows(tokens)
     full = family["layers=4,experts=16,topk=2"]["loss"]
-    proc = _cli("eval", "--load", str(trained / "ckpt"), "--tokens", str(tokens), "--json",
-                str(tmp_path / "one.json"))
+    out = ran("eval", "--load", str(trained / "ckpt"), "--tokens", str(tokens), "--json",
+              str(tmp_path / "one.json"), capsys=capsys)
     one = json.loads((tmp_path / "one.json").read_text())
     assert one["rows"] == 2 * 16 and one["positions"] == 32 * 64, one
     assert abs(one["loss"] - full) / full < 1e-6, (one, full)
-    assert f"mean next-token loss over 32 x 64 positions: {one['loss']:.6f}" in proc.stdout
+    assert f"mean next-token loss over 32 x 64 positions: {one['loss']:.6f}" in out
     _run([*TORCHRUN, "eval", "--load", str(trained / "ckpt"), "--tokens", str(tokens),
           "parallel.ep=2", "--json", str(tmp_path / "ep2.json")])
     ep2 = json.loads((tmp_path / "ep2.json").read_text())

@@ -65,6 +65,9 @@ def _losses(path: Path) -> dict:
             for r in rows if "loss" in r}
 
 
+_STRAIGHT: dict[tuple, dict] = {}  # (layout, config) -> the uninterrupted run's losses
+
+
 def _resume_case(name: str, interrupt: str, *extra_config: str) -> dict:
     """Uninterrupted 4 steps vs. interrupted after step 2 (how: ``interrupt``) and resumed."""
     import moue.training.checkpoint as checkpoint
@@ -85,7 +88,10 @@ def _resume_case(name: str, interrupt: str, *extra_config: str) -> dict:
         train(cfg, layout, torch.device("cpu"))
         torch.distributed.barrier()
 
-    run("straight")
+    key = (name, extra_config)
+    if key not in _STRAIGHT:  # the same 4 steps whichever way the other run is interrupted
+        run("straight")
+        _STRAIGHT[key] = _losses(base / "straight" / "metrics.jsonl")
     ckpt = [f"checkpoint.dir={base / 'ckpt'}", "checkpoint.interval=2"]
     original_step, original_save = training.Trainer.train_step, checkpoint.dist_checkpointing.save
 
@@ -113,7 +119,7 @@ def _resume_case(name: str, interrupt: str, *extra_config: str) -> dict:
         checkpoint.dist_checkpointing.save = original_save
     latest = (base / "ckpt" / "latest").read_text().strip()
     run("resumed", *ckpt)
-    return {"straight": _losses(base / "straight" / "metrics.jsonl"),
+    return {"straight": _STRAIGHT[key],
             "resumed": _losses(base / "resumed" / "metrics.jsonl"),
             "latest_after_interrupt": latest}
 
