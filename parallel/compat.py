@@ -74,3 +74,18 @@ def load_distributed_optimizer_state(optimizer, state_dict) -> None:
         for state in part.optimizer.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
+
+
+def forget_moe_metrics() -> None:
+    """Drop the entries of Megatron's MoE figure tracker, each of which holds the process groups
+    it reduces over. 0.16 keeps them in ``moe_utils``' dict; 0.17+ in ``moe_logging``'s
+    ``MoEMetricsTracker`` (whose ``clear`` only zeroes the values, and whose old getter returns
+    a copy)."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
+    else:
+        get_moe_metrics_tracker().metrics.clear()

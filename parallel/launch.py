@@ -241,7 +241,8 @@ def destroy_model_parallel() -> None:
     keep every earlier group's threads and connections (measured: a launch of 42 test cases ran
     in 167 s with them kept, 116 s with them destroyed; docs/testing.md)."""
     from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    from parallel.compat import forget_moe_metrics
 
     parallel_state.destroy_model_parallel()
     # Megatron 0.16 leaves some groups set (_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP and its
@@ -250,7 +251,7 @@ def destroy_model_parallel() -> None:
     for name, value in list(vars(parallel_state).items()):
         if name.startswith("_") and isinstance(value, torch.distributed.ProcessGroup):
             setattr(parallel_state, name, None)
-    get_moe_layer_wise_logging_tracker().clear()
+    forget_moe_metrics()
     if torch.distributed.is_initialized():
         world = torch.distributed.GroupMember.WORLD
         for group in list(torch.distributed.distributed_c10d._world.pg_map):

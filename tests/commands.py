@@ -3,7 +3,8 @@
 
 def refused(capsys, *argv: str) -> str:
     """A refusal in this process (the command's own ``main``; a process start and Megatron's
-    import saved, about 7 s each): exit status 2, one message and no traceback; returns stderr.
+    import saved, about 7 s each): exit status 2, an error message and no traceback; returns
+    stderr.
     Each test file that uses it also checks the exit status of a real process."""
     from moue.cli import main
 

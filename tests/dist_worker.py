@@ -70,11 +70,12 @@ def _parent_alive(pid: int) -> bool:
 
 def serve(requests: str) -> None:
     """Run ``request<n>.json`` for n = 0, 1, ... until one says stop or pytest is gone. Each
-    request starts from the state a fresh launch starts from (the default layout), with its
-    environment variables set for its cases only."""
+    request starts from the default layout with the CPU adaptations on, as a fresh launch does,
+    and its environment variables set for its cases only; what a case module leaves in its own
+    globals carries over (each module runs once per session: ``launch`` caches results)."""
     env = launch.read_launch_env()
     device = "cpu"
-    launch.init_distributed(device=device, timeout_minutes=15, env=env)
+    launch.init_distributed(device=device, timeout_minutes=3, env=env)
     parent = int(os.environ["MOUE_TEST_PARENT"])
     directory = Path(requests)
     for n in range(sys.maxsize):

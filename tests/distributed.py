@@ -220,7 +220,9 @@ class Workers:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            (self.dir / f"request{self.requests}.json").write_text('{"stop": true}')
+            ask = self.dir / f".request{self.requests}.json"
+            ask.write_text('{"stop": true}')
+            ask.rename(self.dir / f"request{self.requests}.json")
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -31,6 +31,7 @@ class Engine:
     model: DistributedDataParallel
     optimizer: object  # a MegatronOptimizer (chained into dense and expert parts when ep > 1)
     scheduler: OptimizerParamScheduler
+    closed: bool = False
 
     def forward_backward(self, forward_step, data_iterator, *, num_microbatches: int,
                          seq_length: int, micro_batch_size: int, forward_only: bool = False,
@@ -38,6 +39,7 @@ class Engine:
         """One global batch through Megatron's schedule (gradients zeroed first unless
         ``forward_only``); returns the last stage's per-micro-batch loss dicts."""
         if not forward_only:
+            self._check_open()
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
         kwargs = {}
@@ -51,10 +53,16 @@ class Engine:
     def optimizer_step(self) -> tuple[bool, float | None, float]:
         """Advance the schedule, then step: step k trains at lr(k), so warmup's first step is not
         lr 0. Returns (applied, grad norm, lr)."""
+        self._check_open()
         self.scheduler.step(increment=1)
         lr = self.optimizer.param_groups[0]["lr"]
         ok, grad_norm, _ = self.optimizer.step()
         return ok, (float(grad_norm) if grad_norm is not None else None), lr
+
+    def _check_open(self) -> None:
+        if self.closed:  # its gradients would no longer be reduced over data-parallel ranks
+            raise RuntimeError("this engine was closed (Engine.close) and cannot train; "
+                               "build another")
 
     def close(self) -> None:
         """Let the engine be freed once it is dropped; it cannot train after this.
@@ -70,6 +78,7 @@ class Engine:
         gloo threads keep running: a process that builds engines one after another (eval after
         training, notebooks, a test suite) grows by ~45 threads each (measured, docs/testing.md).
         """
+        self.closed = True
         config = self.model.config
         config.finalize_model_grads_func = config.no_sync_func = config.grad_scale_func = None
         self.model.grad_accs.clear()

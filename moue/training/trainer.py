@@ -105,7 +105,11 @@ class Trainer:
         self.balances = balance_modules([model])
         self.engine = build_engine(model.to(device), model.config, cfg.train)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
-        self.train_data, self.valid_data = self._datasets()
+        try:
+            self.train_data, self.valid_data = self._datasets()
+        except BaseException:  # a refused dataset (say, its vocabulary): no Trainer to close
+            self.engine.close()
+            raise
         self.state = TrainState()
         self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp)
         self.clock = StepClock(flops_per_token(cfg.model, cfg.moe, cfg.topology()), device,
@@ -381,14 +385,13 @@ def train(cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> Train
         raise ValueError(f"the layout {layout.describe()} is not the one cfg.parallel gives")
     with checkpoint.run_lock(cfg.checkpoint.dir, cfg.logging.dir):
         launch.seed_everything(cfg.train.seed)
-        trainer = Trainer(cfg, layout, device)
-        trainer.resume()
-        logger = MetricsLogger(cfg.logging.dir, cfg.logging.metrics_file,
-                               enabled=is_logging_rank(trainer.pg), start_step=trainer.state.step,
-                               interval=cfg.logging.interval)
-        try:
-            trainer.fit(logger)
-        finally:
-            logger.close()
-            trainer.close()
+        with Trainer(cfg, layout, device) as trainer:  # closed however the run ends
+            trainer.resume()
+            logger = MetricsLogger(cfg.logging.dir, cfg.logging.metrics_file,
+                                   enabled=is_logging_rank(trainer.pg),
+                                   start_step=trainer.state.step, interval=cfg.logging.interval)
+            try:
+                trainer.fit(logger)
+            finally:
+                logger.close()
     return trainer
