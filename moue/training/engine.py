@@ -97,8 +97,7 @@ class Engine:
 
 def _plain_object(value) -> bool:
     """An object a module keeps beside its submodules and tensors (a token dispatcher, say)."""
-    return (hasattr(value, "__dict__") and not isinstance(value, (torch.Tensor, torch.nn.Module, type))
-            and not callable(value))
+    return hasattr(value, "__dict__") and not callable(value) and not isinstance(value, torch.Tensor)
 
 
 def build_engine(module: torch.nn.Module, config: TransformerConfig, train: TrainConfig, *,
