@@ -11,11 +11,28 @@ COMPAT_MCORE ?= megatron-core>=0.19,<0.20
 
 # Extras of `make install`; the container images pass their own to docker/install.sh.
 EXTRAS ?= dev,mpi
-# make image / image-cpu: the first container engine found, and the image name.
-ENGINE ?= $(shell command -v docker || command -v podman)
+# make image / image-cpu: the first container engine that answers (else the first installed, so
+# the error names it; found once), and the image name.
+ENGINE ?= $(eval ENGINE := $(shell for e in docker podman; do p=$$(command -v $$e) && $$p info \
+	>/dev/null 2>&1 && { echo $$p; exit; }; done; command -v docker || command -v podman))$(ENGINE)
 IMAGE ?= moue
+# More flags for the engine's build (podman where no OCI runtime works: --isolation=chroot), the
+# image's base (unset: the Dockerfile's own; docker/stand-in/ makes local stand-ins), and for the
+# CPU image a directory holding a CPU wheel of torch, mounted into the build where PyTorch's CPU
+# index cannot be reached (podman and buildah only). docs/containers.md.
+BUILD_FLAGS ?=
+BASE ?=
+TORCH_WHEELS ?=
+# A CA bundle for pip inside the build, where a TLS-inspecting proxy stands between the build and
+# PyPI (podman and buildah: mounted; the Dockerfiles' PIP_CERT).
+CA_BUNDLE ?=
+torch_wheel = $(firstword $(wildcard $(TORCH_WHEELS)/torch-*+cpu-*.whl))
+build_args = $(BUILD_FLAGS) $(if $(BASE),--build-arg BASE=$(BASE)) $(if $(TORCH_WHEELS),-v \
+	$(abspath $(TORCH_WHEELS)):/wheels:ro --build-arg TORCH_INDEX_URL= \
+	--build-arg TORCH=/wheels/$(notdir $(torch_wheel))) $(if $(CA_BUNDLE),-v \
+	$(abspath $(CA_BUNDLE)):/run/build-ca.crt:ro --build-arg PIP_CERT=/run/build-ca.crt)
 
-.PHONY: install test test-slow test-compat test-gpu lint demo clean image image-cpu
+.PHONY: install test test-slow test-compat test-gpu test-images lint demo clean image image-cpu
 
 DEMO ?= runs/demo
 DEMO_ARGS ?=
@@ -29,9 +46,9 @@ $(VENV)/.installed: pyproject.toml docker/install.sh
 	PYTHON=$(PYTHON) TORCH="$(TORCH)" docker/install.sh --venv $(VENV) --extras "$(EXTRAS)"
 
 # Every feature, in minutes (docs/testing.md); `slow` tests (the benchmarks' smoke runs) are left to
-# `make test-slow`, which CI runs as well.
+# `make test-slow`, which CI runs as well, and `images` tests (image builds) to `make test-images`.
 test: install
-	$(PY) -m pytest -q --durations=20 -m "not slow"
+	$(PY) -m pytest -q --durations=20 -m "not slow and not images"
 
 test-slow: install
 	$(PY) -m pytest -q --durations=10 -m "slow and not gpu"
@@ -69,8 +86,8 @@ demo: install
 
 lint: install
 	$(PY) -m ruff check moue parallel data_tools tests benchmarks
-	$(VENV)/bin/shellcheck -x examples/scripts/*.sh examples/scripts/*.sbatch .ci/run tests/stubs/* docker/*.sh benchmarks/*.sh
-	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.cpu
+	$(VENV)/bin/shellcheck -x examples/scripts/*.sh examples/scripts/*.sbatch .ci/run tests/stubs/* docker/*.sh docker/stand-in/*.sh benchmarks/*.sh
+	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.cpu docker/stand-in/Dockerfile.ngc
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache .ruff_cache
@@ -78,11 +95,20 @@ clean:
 # Container images (docs/containers.md): the GPU image on NGC PyTorch, and the CPU image.
 image:
 	@$(call need_engine,$@)
-	$(ENGINE) build -f docker/Dockerfile -t $(IMAGE):gpu .
+	$(ENGINE) build $(build_args) -f docker/Dockerfile -t $(IMAGE):gpu .
 
+# Ends with the smoke stage (docker/smoke.sh): the image is tagged only if it passes.
 image-cpu:
 	@$(call need_engine,$@)
-	$(ENGINE) build -f docker/Dockerfile.cpu -t $(IMAGE):cpu .
+	@test -z "$(TORCH_WHEELS)" -o -n "$(torch_wheel)" || { echo "make $@: TORCH_WHEELS=$(TORCH_WHEELS) \
+	holds no CPU wheel of torch (torch-*+cpu-*.whl); download one (pip download --no-deps \
+	torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu -d DIR) or drop TORCH_WHEELS"; exit 2; }
+	$(ENGINE) build $(build_args) -f docker/Dockerfile.cpu -t $(IMAGE):cpu .
+
+# Builds both images on local stand-in bases (docker/stand-in/; root, podman and debootstrap):
+# the CPU image with its smoke stage, and the GPU image's own steps up to its requirement check.
+test-images: install
+	$(PY) -m pytest -q -m images -rs --durations=0
 
 need_engine = test -n "$(ENGINE)" || { echo "make $(1): no container engine (docker or podman) \
 	on this machine. Build on one that has one, or pass ENGINE=/path/to/engine; \

@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKS = {"gpu": "make test-gpu", "slow": "make test-slow"}
+MARKS = {"gpu": "make test-gpu", "slow": "make test-slow", "images": "make test-images"}
 HEADER = """# What the suite checks
 
 One line per test, by file: each test's name is the property it checks. A test runs in

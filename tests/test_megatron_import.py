@@ -220,3 +220,34 @@ def test_tokenizer_flag_and_existing_output_on_the_command_line(base, tmp_path, 
     err = refused(capsys, "convert", "import", "--hf", str(tmp_path), "--tokenizer", "byte",
                   "--output", str(tmp_path / "x"))
     assert "--tokenizer goes with --megatron" in err
+
+
+class _PickledByName:
+    """Pickles as Python 3.11.0-3.11.4 pickle an enum member: ``getattr(EnumClass, 'NAME')``."""
+
+    def __init__(self, cls, name):
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return getattr, (self.cls, self.name)
+
+
+def test_arguments_saved_by_a_python_that_pickles_enums_by_name_are_read(tmp_path):
+    """Debian 12's Python 3.11.2 saves Megatron-LM's ``attention_backend`` as ``getattr(AttnBackend,
+    'flash')``, which torch's weights-only load refuses; the importer reads enum members so named,
+    and only those."""
+    from megatron.core.safe_globals import register_safe_globals
+    from megatron.core.transformer.enums import AttnBackend
+
+    register_safe_globals()
+    path = tmp_path / "common.pt"
+    torch.save({"args": argparse.Namespace(attention_backend=_PickledByName(AttnBackend, "flash"))},
+               path)
+    with pytest.raises(Exception, match="GLOBAL builtins.getattr|GLOBAL getattr"):
+        torch.load(path)  # what Megatron-Core's own loader does
+    with megatron_lm.ENUMS_BY_NAME:
+        assert torch.load(path)["args"].attention_backend is AttnBackend.flash
+    # getattr on anything but an enum class stays refused, naming what was asked for.
+    torch.save({"args": _PickledByName(argparse.Namespace, "__init__")}, path)
+    with megatron_lm.ENUMS_BY_NAME, pytest.raises(Exception, match="only enum members are read"):
+        torch.load(path)

@@ -55,7 +55,7 @@ def test_scripts_are_shellcheck_clean():
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install -e .[dev])")
     scripts = [*SCRIPTS, ROOT / ".ci" / "run", *sorted((ROOT / "tests" / "stubs").iterdir()),
-               *sorted((ROOT / "docker").glob("*.sh"))]
+               *sorted((ROOT / "docker").glob("**/*.sh"))]
     proc = subprocess.run([shellcheck, "-x", *map(str, scripts)], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stdout

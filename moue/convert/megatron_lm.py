@@ -26,6 +26,8 @@ Latent Attention, biases on every linear, learned positions, ...) is refused by 
 
 from __future__ import annotations
 
+import enum
+import pickle
 import re
 from argparse import Namespace
 from dataclasses import replace
@@ -79,15 +81,39 @@ def iteration_dir(path: str) -> Path:
                     "metadata.json); give the --save directory or an iter_N directory in it")
 
 
+def _cause(err: Exception) -> str:
+    """The line of a load error that says what failed: torch's weights-only unpickler opens with
+    a paragraph of advice and names the offending global further down."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported" in line or "GLOBAL" in line]
+    return (named or lines or [repr(err)])[0][:300]
+
+
+def _enum_member(cls, name):
+    """``getattr(cls, name)`` as the unpickler may call it, for enum classes only.
+
+    Python 3.11.0 to 3.11.4 (Debian 12's 3.11.2 among them) pickle an enum member as
+    ``getattr(EnumClass, 'NAME')``, so Megatron-LM's arguments saved there (``attention_backend``
+    is an ``AttnBackend``) name ``builtins.getattr``, which torch's weights-only unpickler refuses:
+    it could reach anything. The class itself has already passed the unpickler's allow-list
+    (Megatron-Core registers its enums), so a member looked up by name is as safe as the class."""
+    if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
+        raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}): only enum members are read")
+    return cls[name]
+
+
+ENUMS_BY_NAME = torch.serialization.safe_globals([(_enum_member, "builtins.getattr")])
+
+
 def read_args(ckpt: Path) -> Namespace:
     """The run's arguments saved in the checkpoint's common state."""
     try:
-        common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    except Exception as err:  # torch's unpickling errors name the offending global
+        with ENUMS_BY_NAME:
+            common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    except Exception as err:
         raise UserError(f"--megatron {ckpt}: cannot read its common state, which holds the run's "
-                        f"arguments ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:200]}); it is damaged or was written by a "
-                        "newer Megatron-LM than megatron-core can read here") from None
+                        f"arguments ({type(err).__name__}: {_cause(err)}); it is damaged or was "
+                        "written by a newer Megatron-LM than megatron-core can read here") from None
     args = common.get("args")
     if not isinstance(args, Namespace):
         raise UserError(f"--megatron {ckpt}: holds no Megatron-LM arguments ('args'), "
@@ -311,13 +337,13 @@ def import_megatron(path: str, output: str, overrides: list[str], tokenizer: str
     def fill(cfg: RunConfig, module: torch.nn.Module) -> dict:
         model = megatron_model(cfg, cfg.topology().window)
         try:
-            loaded = dist_checkpointing.load(_wanted(model, ckpt), str(ckpt))
+            with ENUMS_BY_NAME:  # the common state is read again
+                loaded = dist_checkpointing.load(_wanted(model, ckpt), str(ckpt))
         except UserError:
             raise
         except (Exception, CheckpointException) as err:  # torch's is a BaseException
             raise UserError(f"--megatron {ckpt}: its weights do not load into the model its "
-                            f"arguments describe ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:200]})") from None
+                            f"arguments describe ({type(err).__name__}: {_cause(err)})") from None
         unloaded = [k for k in model.load_state_dict(loaded, strict=False).missing_keys
                     if not k.endswith("_extra_state")]  # _wanted leaves those out
         if unloaded:
