@@ -26,7 +26,8 @@ TORCH_WHEELS ?=
 # A CA bundle for pip inside the build, where a TLS-inspecting proxy stands between the build and
 # PyPI (podman and buildah: mounted; the Dockerfiles' PIP_CERT).
 CA_BUNDLE ?=
-torch_wheel = $(firstword $(wildcard $(TORCH_WHEELS)/torch-*+cpu-*.whl))
+# The wheel of the pinned release for the CPU image's Python (3.11; docker/Dockerfile.cpu).
+torch_wheel = $(firstword $(wildcard $(TORCH_WHEELS)/torch-$(subst torch==,,$(TORCH))+cpu-cp311-*.whl))
 build_args = $(BUILD_FLAGS) $(if $(BASE),--build-arg BASE=$(BASE)) $(if $(TORCH_WHEELS),-v \
 	$(abspath $(TORCH_WHEELS)):/wheels:ro --build-arg TORCH_INDEX_URL= \
 	--build-arg TORCH=/wheels/$(notdir $(torch_wheel))) $(if $(CA_BUNDLE),-v \
@@ -101,16 +102,20 @@ image:
 image-cpu:
 	@$(call need_engine,$@)
 	@test -z "$(TORCH_WHEELS)" -o -n "$(torch_wheel)" || { echo "make $@: TORCH_WHEELS=$(TORCH_WHEELS) \
-	holds no CPU wheel of torch (torch-*+cpu-*.whl); download one (pip download --no-deps \
-	torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu -d DIR) or drop TORCH_WHEELS"; exit 2; }
+	holds no CPU wheel of $(TORCH) for Python 3.11 (torch-$(subst torch==,,$(TORCH))+cpu-cp311-*.whl); \
+	download one (pip download --no-deps $(TORCH) --python-version 3.11 --only-binary=:all: \
+	--index-url https://download.pytorch.org/whl/cpu -d DIR) or drop TORCH_WHEELS"; exit 2; }
 	$(ENGINE) build $(build_args) -f docker/Dockerfile.cpu -t $(IMAGE):cpu .
 
 # Builds both images on local stand-in bases (docker/stand-in/; root, podman and debootstrap):
 # the CPU image with its smoke stage, and the GPU image's own steps up to its requirement check.
 test-images: install
-	$(PY) -m pytest -q -m images -rs --durations=0
+	MOUE_IMAGE_TESTS=1 $(PY) -m pytest -q -m images -rs --durations=0
 
-need_engine = test -n "$(ENGINE)" || { echo "make $(1): no container engine (docker or podman) \
+need_engine = test -z "$(TORCH_WHEELS)$(CA_BUNDLE)" -o "$(notdir $(ENGINE))" != docker || { \
+	echo "make $(1): TORCH_WHEELS and CA_BUNDLE mount into the build, which docker build cannot \
+	do; use ENGINE=podman (or buildah), or drop them"; exit 2; }; \
+	test -n "$(ENGINE)" || { echo "make $(1): no container engine (docker or podman) \
 	on this machine. Build on one that has one, or pass ENGINE=/path/to/engine; \
 	docs/containers.md says how to build and run the images."; exit 1; }; \
 	$(ENGINE) info >/dev/null 2>&1 || { echo "make $(1): $(ENGINE) is installed but cannot \

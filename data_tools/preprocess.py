@@ -141,6 +141,11 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str = "byte", *
                 summary.bytes += nbytes
                 bar.update(nbytes)
             bar.set_postfix(docs=summary.documents, refresh=False)
+        if not summary.documents:  # a dataset of nothing would fail later, far from the cause
+            skipped = sum(summary.skipped.values())
+            raise UserError(f"{', '.join(map(str, files))}: no documents"
+                            + (f" ({skipped} bad records skipped)" if skipped else "")
+                            + "; nothing was written: give input with at least one document")
         builder.finalize(str(temp["idx"]))
         summary.seconds = time.perf_counter() - start
         temp["meta"].write_text(json.dumps({

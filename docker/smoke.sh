@@ -23,7 +23,8 @@ step() {
   echo "== smoke: $name passed in $((SECONDS - start)) s"
 }
 
-rm -rf "$out"
+# Only what an earlier smoke run left: the directory may be anything the caller named.
+rm -rf "$out/checkpoints" "$out/passed"
 step "moue-env" "$bin/moue-env"
 step "dry run" "$bin/moue-pretrain" --config "$config" --dry-run
 # --local-addr: a build step's container may have a host name that does not resolve, which

@@ -238,9 +238,10 @@ def convert_parser() -> argparse.ArgumentParser:
     source.add_argument("--hf", metavar="DIR", help="the Hugging Face directory")
     source.add_argument("--megatron", metavar="DIR", help="Megatron-LM's --save directory "
                         "(latest_checkpointed_iteration.txt names the iteration) or one iter_N")
-    imp.add_argument("--tokenizer", metavar="PATH", help="with --megatron: the run's "
-                     "tokenizer.json or .model, or 'byte' (default: the run's tokenizer_model "
-                     "when it is such a file here)")
+    imp.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json or .model, or "
+                     "'byte': with --megatron, the run's (default: its tokenizer_model when it "
+                     "is such a file here); with --hf, instead of the directory's own (needed "
+                     "when it has none)")
     imp.add_argument("--output", required=True, metavar="CKPT", help="a new directory")
     imp.add_argument("overrides", nargs="*", metavar="section.key=value",
                      help="settings of the written config.yaml, e.g. model.seq_length=2048 "
@@ -288,11 +289,8 @@ def convert(argv: list[str] | None = None) -> int:
                 from moue.convert.megatron_lm import import_megatron
 
                 out = import_megatron(args.megatron, args.output, args.overrides, args.tokenizer)
-            elif args.tokenizer:
-                raise UserError("--tokenizer goes with --megatron; a Hugging Face import takes "
-                                "the directory's own tokenizer.json")
             else:
-                out = import_hf(args.hf, args.output, args.overrides)
+                out = import_hf(args.hf, args.output, args.overrides, args.tokenizer)
             print(f"moue-convert: wrote {out}; continue training with moue-pretrain --config "
                   f"{out / 'config.yaml'}, evaluate with moue-eval --load {out}")
         else:

@@ -251,6 +251,11 @@ class DataConfig(Section):
     # GPU, 0 on a CPU (where they would take the cores the step needs).
     num_workers: int | None = None
 
+    @property
+    def valid_share(self) -> float:
+        """The validation split's weight in ``split`` (0: no validation split)."""
+        return float(self.split.replace("/", ",").split(",")[1])
+
     def _validate(self):
         check(self.num_workers is None or self.num_workers >= 0, "data.num_workers",
               self.num_workers, "must be an integer >= 0, or null (2 on a GPU, 0 on a CPU)")
@@ -335,6 +340,10 @@ class RunConfig:
         for name, cls in SECTIONS.items():
             check(isinstance(getattr(self, name), cls), name, getattr(self, name),
                   f"must be a {cls.__name__}")
+        check(self.data.valid_share > 0 or not self.train.eval_interval, "data.split", self.data.split,
+              f"leaves no validation split, which train.eval_interval="
+              f"{self.train.eval_interval} evaluates on: give it a share (e.g. 98,2,0) or set "
+              "train.eval_interval=0")
         topology = choices = None
         if self.model.dense:  # the moe section is not used
             check(self.parallel.ep == 1, "parallel.ep", self.parallel.ep,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from moue.config import RunConfig
 from moue.elastic.submodel import family
 from moue.model.size import active_params, flops_per_token, param_counts, sizes
-from moue.run_check import check_run, plan_run
+from moue.run_check import check_run, check_training, plan_run
 from parallel.capability import Capabilities
 from parallel.errors import UserError
 from parallel.layout import ParallelLayout
@@ -23,6 +23,7 @@ def report(cfg: RunConfig, world_size: int | None = None) -> dict:
     """The dry-run JSON object: sizes, sharing figures, the resolved layout, memory per rank.
     ``world_size`` None: the smallest world the layout needs."""
     layout = check_run(cfg, world_size)
+    check_training(cfg)
     m, moe, topology = cfg.model, cfg.moe, cfg.topology()
     parts = param_counts(m, moe, topology)
     return {

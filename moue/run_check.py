@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from moue.config import RunConfig
+from moue.elastic.microbatch import full_microbatches
 from parallel.capability import Capabilities, Plan, plan
 from parallel.errors import UserError
 from parallel.layout import ParallelLayout
@@ -122,6 +123,23 @@ def smallest_world(cfg: RunConfig) -> int:
     p = cfg.parallel
     etp = ParallelLayout.default_etp(p.tp, p.ep) if p.etp is None else p.etp
     return math.lcm(p.tp * p.pp, etp * p.ep * p.pp)
+
+
+def check_training(cfg: RunConfig) -> None:
+    """What only training needs of ``cfg`` (evaluation and conversion read the same config with
+    other batch sizes): elastic micro-batches of both kinds in a step."""
+    e, t = cfg.elastic, cfg.train
+    if not (e.enabled and e.granularity == "microbatch") or cfg.model.dense:
+        return
+    count = t.global_batch_size // t.micro_batch_size
+    full = full_microbatches(e.full_share, count)
+    if not (e.full_share == 1 or 0 < full < count):
+        raise UserError(
+            f"elastic.full_share={e.full_share}: leaves no micro-batch for "
+            f"{'sub-models' if full == count else 'the full model'} in a step of {count} "
+            f"(train.global_batch_size={t.global_batch_size} / train.micro_batch_size="
+            f"{t.micro_batch_size}): lower train.micro_batch_size (4 micro-batches put 3 on the "
+            "full model) or set elastic.granularity=step")
 
 
 def check_run(cfg: RunConfig, world_size: int | None = None) -> ParallelLayout:

@@ -73,3 +73,19 @@ def any_rank(flag: bool, group=None) -> bool:
         value = value.cuda()
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=group)
     return bool(value.item())
+
+
+def step_rows(rows: list[torch.Tensor], count: int, width: int, device, pg_collection) -> torch.Tensor:
+    """This rank's ``count`` per-micro-batch rows of ``width`` values (the last pipeline stage's
+    are real, the others' ignored), gathered over the data-parallel ranks in the global batch's
+    order and broadcast from the last stage: ``[dp * count, width]`` on every rank."""
+    dp = pg_collection.dp
+    out = torch.zeros(dp.size() * count, width, device=device)
+    if is_last_stage(pg_collection):
+        local = torch.stack([r.float().to(device) for r in rows])
+        parts = list(out.split(count))  # views of out: gathered in place, in rank order
+        torch.distributed.all_gather(parts, local, group=dp)
+    pp = pg_collection.pp
+    torch.distributed.broadcast(out, src=torch.distributed.get_global_rank(pp, pp.size() - 1),
+                                group=pp)
+    return out

@@ -54,6 +54,9 @@ def test_config_file_errors(tmp_path, capsys):
     ("train.lr=0", "train.lr=0.0: must be a positive learning rate"),
     ("train.adam_beta2=1.5", "train.adam_beta2=1.5: must be in [0, 1)"),
     ("data.split=98,2", "data.split='98,2': must be three non-negative weights"),
+    ("data.split=100,0,0", "data.split='100,0,0': leaves no validation split, which "
+     "train.eval_interval=100 evaluates on: give it a share (e.g. 98,2,0) or set "
+     "train.eval_interval=0"),
     ("data.blend=[data/a, 0.5]", "data.blend=['data/a', 0.5]: must alternate positive weights"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last=0: must be a positive integer"),
     ("logging.ep_balance_ranks=3", "logging.ep_balance_ranks=3: must divide moe.num_experts=16"),

@@ -88,14 +88,16 @@ def test_elastic_benchmark_trains_plain_and_elastic_and_tables_their_families(tm
     proc, figures = _smoke("benchmarks/elastic.py", tmp_path)
     runs = figures["runs"]
     assert [(r["variant"], r["seed"]) for r in runs] == [
-        (v, s) for v in ("plain", "elastic", "elastic-emoe") for s in (1234, 1235)]
+        (v, s) for v in ("plain", "elastic", "elastic-step") for s in (1234, 1235)]
     for run in runs:  # 2 x 2 x 2 family members, then k+1 and k+2
         labels = [row["submodel"] for row in run["family"]]
         assert len(labels) == 10 and labels[0] == "layers=4,experts=8,topk=2"
         assert labels[-2:] == ["layers=4,experts=8,topk=3", "layers=4,experts=8,topk=4"]
         assert abs(run["family"][0]["loss"] - run["val_loss"]) < 1e-5 * run["val_loss"]
-    assert all(len(r["step_times"]) > 1 for r in runs if r["variant"] != "plain")
+    assert all(len(r["step_times"]) > 1 for r in runs if r["variant"] == "elastic-step")
+    assert all(sorted(r["val_curve"]) == ["0", "4", "8"] for r in runs)  # JSON keys
     assert "ERNIE 5.0 ablation form" in proc.stdout and "| depth (4L / 3L) |" in proc.stdout
+    assert "| elastic | " in proc.stdout.split("Full model against plain")[1]
 
 
 @pytest.mark.slow

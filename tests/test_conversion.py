@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -215,7 +216,9 @@ BAD = {
     "foreign tensor": (lambda d: _edit_tensors(d, lambda t: t.update(
         {"model.layers.0.self_attn.o_proj.bias": torch.zeros(32)})), "have no place"),
     "vocabulary too large": (lambda d: _tokenizer(d, 150), "more than the model's vocab_size=100"),
-    "no tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "no tokenizer.json"),
+    "no tokenizer": (lambda d: (d / "tokenizer.json").unlink(),
+                     "no tokenizer.json nor tokenizer.model; pass the model's tokenizer with "
+                     "--tokenizer FILE"),
     "sliding window": (lambda d: _edit_config(d, use_sliding_window=True, sliding_window=8),
                        "sliding-window attention"),
     "rope scaling": (lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn",
@@ -244,6 +247,20 @@ def test_bad_import_arguments(base, tmp_path):
     proc = _cli("convert", "import", "--hf", str(tmp_path / "nowhere"), "--output",
                 str(tmp_path / "o"), expect=2)
     assert "no such directory" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_directory_without_tokenizer_imports_with_tokenizer_given(base, tmp_path):
+    source, elsewhere = tmp_path / "hf", tmp_path / "tokenizer"
+    shutil.copytree(base / "qwen3_moe" / "hf", source)
+    (source / "tokenizer.json").unlink()
+    elsewhere.mkdir()
+    _tokenizer(elsewhere, 90)
+    _cli("convert", "import", "--hf", str(source), "--output", str(tmp_path / "out"),
+         "--tokenizer", str(elsewhere / "tokenizer.json"))
+    config = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert config["data"]["tokenizer"] == str((tmp_path / "out" / "tokenizer.json").resolve())
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == (
+        elsewhere / "tokenizer.json").read_text()
 
 
 def test_imported_checkpoint_trains_on_from_its_weights(base, tmp_path):

@@ -18,6 +18,7 @@ from data_tools.megatron_data import gpt_datasets
 from data_tools.preprocess import BadInput, preprocess
 from data_tools.tokenizer import load_tokenizer
 from data_tools.train_tokenizer import train_bpe
+from parallel.errors import UserError
 
 pytestmark = pytest.mark.compat
 
@@ -96,6 +97,18 @@ def test_bad_record_stops_with_file_line_and_reason_or_is_counted(tmp_path, line
     assert "--skip-bad" in str(err.value) and not (tmp_path / "out.idx").exists()
     summary = preprocess([str(src)], str(tmp_path / "out"), "byte", skip_bad=True, progress=False)
     assert summary.documents == 2 and sum(summary.skipped.values()) == 1
+
+
+def test_input_without_documents_is_refused_and_writes_nothing(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match=r"empty.jsonl: no documents; nothing was written"):
+        preprocess([str(empty)], str(tmp_path / "out"), "byte", progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "  "}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl: no documents \(1 bad records skipped\)"):
+        preprocess([str(bad)], str(tmp_path / "out"), "byte", skip_bad=True, progress=False)
+    assert list(tmp_path.glob("out*")) == []
 
 
 def test_invalid_utf8_is_reported(tmp_path):

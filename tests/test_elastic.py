@@ -8,6 +8,7 @@ import torch
 from moue.config import load_config
 from moue.elastic.apply import effective_mask
 from moue.elastic.export import submodel_state, submodel_tree
+from moue.elastic.microbatch import MicrobatchSchedule, full_microbatches, split_topk
 from moue.elastic.schedule import Schedule
 from moue.elastic.submodel import (
     family,
@@ -139,11 +140,38 @@ def test_export_maps_layers_experts_router_rows_and_writes_an_explicit_topology(
     ("elastic.experts_policy=spread", "elastic.experts_policy='spread': must be one of random, nested"),
     ("model.moe_layer_freq=0 parallel.ep=1", "elastic.enabled=True: elastic training needs MoE layers"),
     ("moe.window=6 elastic.experts=[8]", "windows are not made of whole blocks of moe.stride"),
+    ("elastic.granularity=sample", "elastic.granularity='sample': must be one of microbatch, step"),
+    ("elastic.full_share=1.2", "elastic.full_share=1.2: must be a share in (0, 1]"),
+    ("elastic.full_share=0", "elastic.full_share=0.0: must be a share in (0, 1]"),
+    ("elastic.topk_max=9", "elastic.topk_max=9: must be between moe.topk=2 and the window (8"),
+    ("elastic.topk_max=1", "elastic.topk_max=1: must be between moe.topk=2"),
 ])
 def test_bad_elastic_config_names_field_value_and_fix(override, message):
     with pytest.raises(UserError) as err:
         tiny(*override.split())
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.micro_batch_size=16", "elastic.full_share=0.75: leaves no micro-batch for sub-models "
+     "in a step of 1 (train.global_batch_size=16 / train.micro_batch_size=16): lower "
+     "train.micro_batch_size"),
+    ("elastic.full_share=0.1", "elastic.full_share=0.1: leaves no micro-batch for the full model"),
+])
+def test_a_training_step_needs_micro_batches_of_both_kinds(override, message, capsys):
+    """Refused by moue-pretrain (its dry run too), not by the config: evaluation and conversion
+    read the same config with other batch sizes."""
+    from moue.cli import pretrain
+    from moue.run_check import check_training
+
+    cfg = tiny(override)
+    with pytest.raises(UserError) as err:
+        check_training(cfg)
+    assert message in str(err.value)
+    check_training(tiny(override, "elastic.granularity=step"))
+    assert pretrain(["--config", TINY, "elastic.enabled=true", "parallel.ep=1", override,
+                     "--dry-run", "--world-size", "1"]) == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text,message", [
@@ -159,3 +187,74 @@ def test_bad_submodel_names_axis_value_and_fix(text, message):
     with pytest.raises(UserError) as err:
         parse(text, cfg.elastic_choices(), cfg.topology().window)
     assert message in str(err.value)
+
+
+def _microbatches(cfg, steps=50, count=4, size=4):
+    schedule = MicrobatchSchedule(cfg.elastic, cfg.elastic_choices(), 1234, 1)
+    return [schedule.draw(t, j, count, size) for t in range(steps) for j in range(count)]
+
+
+def test_microbatch_draws_put_the_first_share_on_the_full_model_and_follow_the_probabilities():
+    cfg = tiny()  # ERNIE's shares: 3 of 4 micro-batches full; 0.75 / 0.8 / 0.8 among the rest
+    assert full_microbatches(0.75, 4) == 3 and full_microbatches(0.75, 16) == 12
+    draws = _microbatches(cfg, steps=200)
+    assert all(d is None for i, d in enumerate(draws) if i % 4 < 3)
+    samples = [s for d in draws[3::4] if d for s in d.samples]
+    assert len(samples) > 0.9 * 4 * 200  # an elastic micro-batch that reduces nothing is rare
+    full_depth = sum(len(s.layers) == 4 for s in samples) / len(samples)
+    full_width = sum(len(s.experts) == 16 for s in samples) / len(samples)
+    assert abs(full_depth - 0.75) < 0.05 and abs(full_width - 0.8) < 0.05
+    ks = [k for s in samples for k in s.topk_L]
+    assert set(ks) == {1, 2, 3}  # 1 .. 2k - 1: above k too
+    assert sum(ks) == 2 * len(ks)  # the mean is k exactly, micro-batch by micro-batch
+    again = _microbatches(cfg, steps=200)  # a function of (seed, step, index) alone
+    assert [d and d.samples for d in again] == [d and d.samples for d in draws]
+
+
+def test_microbatch_topk_keeps_every_layers_total_and_fits_each_samples_width():
+    cfg = tiny("elastic.topk_full_prob=0", "elastic.experts_full_prob=0", "moe.topk=3",
+               "elastic.experts=[8]")  # half the pool leaves 4 of a window of 8: k <= 4
+    for d in _microbatches(cfg, steps=30):
+        if d is None:
+            continue
+        assert (d.topk_Lb.sum(dim=1) == 3 * 4).all()  # T x k assignments, as Megatron sizes them
+        assert d.topk_Lb.min() >= 1 and d.topk_Lb.max() <= 4
+        assert (d.keep_bE.sum(dim=1) == 8).all()
+        for b, sample in enumerate(d.samples):
+            assert (~d.skip_Lb[:, b]).nonzero().squeeze(1).tolist() == list(sample.layers)
+
+
+def test_split_topk_is_uniform_over_the_splits_within_the_caps():
+    gen = torch.Generator().manual_seed(0)
+    seen = {}
+    for _ in range(3000):
+        parts = tuple(split_topk(gen, 2, [3, 3]))
+        seen[parts] = seen.get(parts, 0) + 1
+    assert set(seen) == {(1, 3), (2, 2), (3, 1)}  # (2k-1 caps out (4, 0) and (0, 4))
+    assert all(abs(n / 3000 - 1 / 3) < 0.04 for n in seen.values())
+    assert split_topk(gen, 2, [2, 2, 2]) == [2, 2, 2] and split_topk(gen, 3, [5]) == [3]
+    # Exact at any size (a redraw-until-it-fits sampler accepts 1 draw in 6000 at B = 32).
+    big = [split_topk(gen, 2, [3] * 32) for _ in range(200)]
+    assert all(sum(p) == 64 and 1 <= min(p) and max(p) <= 3 for p in big)
+    assert sum(p.count(2) for p in big) / (200 * 32) < 0.6  # not the all-k fallback
+
+
+def test_per_sample_topk_routes_each_token_as_top_k_with_its_samples_k():
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    from moue.model.router import UniversalRouter
+
+    class Router:  # the method's one dependency: the selection of a fixed k
+        def _select(self, logits, k):
+            return topk_routing_with_score_function(logits, k, use_pre_softmax=False,
+                                                    score_function="softmax")
+
+    s, b = 4, 3  # tokens [s, b] flattened: token t is sample t % b
+    logits_TE = torch.randn(s * b, 8, generator=torch.Generator().manual_seed(1))
+    k_b = [1, 3, 2]
+    groups = [(k, torch.tensor([j for j in range(b) if k_b[j] == k])) for k in (1, 2, 3)]
+    probs_TE, map_TE = UniversalRouter._select_per_sample(Router(), logits_TE, groups, s, b)
+    for t in range(s * b):
+        probs, routed = Router()._select(logits_TE[t:t + 1], k_b[t % b])
+        assert torch.equal(map_TE[t], routed[0]) and torch.allclose(probs_TE[t], probs[0])
+    assert map_TE.sum() == s * sum(k_b)

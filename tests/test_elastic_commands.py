@@ -139,9 +139,17 @@ def test_bad_eval_and_export_paths(trained, exported, capsys):
     assert "not a checkpoint; give a checkpoint.dir" in proc.stderr
     err = refused(capsys, "eval", "--load", str(trained / "ckpt"), "--submodel", "width=3")
     assert "unknown axis 'width'" in err
+    err = refused(capsys, "eval", "--load", str(trained / "ckpt"), "data.split=100,0,0",
+                  "train.eval_interval=0")
+    assert "data.split=100,0,0 leaves no validation split, which moue-eval scores" in err
     err = refused(capsys, "export", "--load", str(trained / "ckpt"), "--submodel", SMALL,
                   "--output", str(exported))
     assert "exists; give a new directory" in err
+    # Under a file: refused before the checkpoint is loaded, naming the file.
+    a_file = exported / "config.yaml"
+    err = refused(capsys, "export", "--load", str(trained / "ckpt"), "--submodel", SMALL,
+                  "--output", str(a_file / "new" / "dir"))
+    assert f"{a_file} is a file, not a directory; give a path in a directory" in err
 
 
 def _validation_rows(path: Path) -> None:

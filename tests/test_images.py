@@ -25,7 +25,10 @@ TAG = "localhost/moue-test"  # make's IMAGE: the images are TAG:cpu and TAG:gpu
 ISOLATION = "--isolation=chroot"
 TIMEOUT = 3600
 
+# Opt-in (make test-images sets it): a bare `pytest` as root on a host with podman would
+# otherwise start a quarter of an hour of builds.
 missing = [why for why, absent in (
+    ("MOUE_IMAGE_TESTS=1 (make test-images)", os.environ.get("MOUE_IMAGE_TESTS") != "1"),
     ("podman (apt-get install podman)", PODMAN is None),
     ("debootstrap (apt-get install debootstrap)", shutil.which("debootstrap") is None),
     ("root (debootstrap)", os.geteuid() != 0)) if absent]
@@ -83,6 +86,7 @@ def stand_in_base():
 @pytest.fixture(scope="module")
 def ngc_stand_in(stand_in_base):
     wheels = torch_wheels()
+    wheels = wheels and os.path.abspath(wheels)  # podman refuses relative volume sources
     wheel = [f"-v={wheels}:/wheels:ro", "--build-arg=TORCH_INDEX_URL=",
              "--build-arg=TORCH=/wheels/" + next(Path(wheels).glob(
                  f"torch-{torch.__version__.split('+')[0]}+cpu-*.whl")).name] if wheels else []
@@ -98,7 +102,8 @@ def test_cpu_image_builds_on_the_stand_in_base_and_passes_its_smoke_stage(stand_
     proc = make_image("image-cpu", stand_in_base)
     assert proc.returncode == 0, tail(proc)
     for step in ("moue-env", "dry run", "20 steps on 2 processes", "moue-eval of the checkpoint"):
-        assert f"== smoke: {step} passed" in proc.output, tail(proc)
+        # A rebuild of an unchanged context takes the smoke step from the layer cache, silently.
+        assert f"== smoke: {step} passed" in proc.output or "Using cache" in proc.output, tail(proc)
     # The tagged image is the runtime stage plus the smoke stage's mark, and its torch is the CPU
     # build of this checkout's release.
     check = in_image(f"{TAG}:cpu", "cat runs/smoke-passed && python -c "

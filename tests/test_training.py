@@ -65,8 +65,38 @@ def elastic_reference():
     return _rows("single", 1, "elastic")
 
 
-def test_elastic_steps_draw_every_axis_and_log_their_submodel(elastic_reference):
+@pytest.fixture(scope="module")
+def elastic_step_reference():
+    return _rows("single", 1, "elastic_step")
+
+
+FULL = "layers=4,experts=16,topk=2"
+
+
+def test_elastic_microbatches_train_the_full_model_every_step_and_log_their_samples(
+        elastic_reference):
+    """Two of the four micro-batches of every step are the full model (full_share 0.5); the
+    others' samples draw every axis (depth, width, a top-k other than 2 at some layer), and the
+    logged shares, losses and the family's running losses follow from them."""
     rows = [r for r in elastic_reference if "loss" in r]
+    assert all("submodel" not in r for r in rows)
+    for r in rows:
+        share = r["microbatches_full"]
+        assert share >= 0.5 and r["samples_full"] >= share and r["router_sharpen_loss"] > 0
+        assert (r["loss_elastic"] is None) == (share == 1)
+        if share < 1:  # the mean over micro-batches: full ones and elastic ones
+            assert r["loss"] == pytest.approx(share * r["loss_full"]
+                                              + (1 - share) * r["loss_elastic"])
+        assert FULL in r["family_loss"]
+    assert max(r["samples_reduced_depth"] for r in rows) > 0
+    assert max(r["samples_reduced_width"] for r in rows) > 0
+    assert max(r["samples_mixed_topk"] for r in rows) > 0
+    labels = {label for r in rows for label in r["family_loss"]}
+    assert {"layers=3", "experts=8", "topk=mixed"} <= {x for lbl in labels for x in lbl.split(",")}
+
+
+def test_elastic_steps_draw_every_axis_and_log_their_submodel(elastic_step_reference):
+    rows = [r for r in elastic_step_reference if "loss" in r]
     assert {r["submodel_layers"] for r in rows} == {3, 4}
     assert {r["submodel_experts"] for r in rows} == {8, 16}
     assert {r["submodel_topk"] for r in rows} == {1, 2}
@@ -82,24 +112,46 @@ def test_elastic_steps_draw_every_axis_and_log_their_submodel(elastic_reference)
 
 def test_elastic_run_that_always_draws_the_full_model_is_a_plain_run(reference):
     rows = _rows("single", 1, "elastic_always_full")
-    assert {r["submodel"] for r in rows if "loss" in r} == {"layers=4,experts=16,topk=2"}
+    assert {r["samples_full"] for r in rows if "loss" in r} == {1.0}
     for key in ("loss", "grad_norm", "balance_loss", "val_loss"):
         assert [r.get(key) for r in rows] == [r.get(key) for r in reference], key
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2", "ep2", "pp2", "tp2_ep2"])
-def test_elastic_training_gives_the_same_steps_under_every_layout(layout, elastic_reference):
-    """The same sub-models, losses, grad norms, balance and sharpening losses as one process.
-    The sharpening loss is a KL divergence, a difference of terms ~100x larger than itself:
-    float reordering moves it ~1e-5 relative (measured 1.0e-5 under TP2xEP2), hence 1e-4."""
-    rows = _rows(layout, 2, "elastic")
-    assert [r.get("submodel") for r in rows] == [r.get("submodel") for r in elastic_reference]
-    for key, rtol in (("loss", 1e-5), ("grad_norm", 1e-5), ("balance_loss", 1e-5),
-                      ("submodel_loss", 1e-5), ("val_loss", 1e-5), ("router_sharpen_loss", 1e-4)):
-        ref = [r[key] for r in elastic_reference if key in r]
-        got = [r[key] for r in rows if key in r]
+def _same_steps(rows, reference, keys):
+    for key, rtol in keys:
+        ref = [r[key] for r in reference if r.get(key) is not None]
+        got = [r[key] for r in rows if r.get(key) is not None]
         assert len(got) == len(ref) > 0
         assert max_rel(got, ref) < rtol, (key, got, ref)
+
+
+# The sharpening loss is a KL divergence, a difference of terms ~100x larger than itself: float
+# reordering moves it ~1e-5 relative (measured 1.0e-5 under TP2xEP2), hence 1e-4.
+SAME = (("loss", 1e-5), ("grad_norm", 1e-5), ("balance_loss", 1e-5), ("val_loss", 1e-5),
+        ("router_sharpen_loss", 1e-4))
+
+
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "ep2", "pp2", "tp2_ep2"])
+def test_elastic_training_gives_the_same_steps_under_every_layout(layout, elastic_reference):
+    """Elastic micro-batches: the same shares, losses (full-model and elastic micro-batches,
+    each sub-model's running loss), grad norms, balance and sharpening losses as one process."""
+    rows = _rows(layout, 2, "elastic")
+    for key in ("microbatches_full", "samples_full", "samples_reduced_depth",
+                "samples_reduced_width", "samples_mixed_topk"):
+        assert [r.get(key) for r in rows] == [r.get(key) for r in elastic_reference], key
+    _same_steps(rows, elastic_reference, (*SAME, ("loss_full", 1e-5), ("loss_elastic", 1e-5)))
+    for r, ref in zip(rows, elastic_reference, strict=True):
+        if "family_loss" in ref:
+            assert r["family_loss"].keys() == ref["family_loss"].keys()
+            assert max_rel(list(r["family_loss"].values()), list(ref["family_loss"].values())) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["pp2", "tp2_ep2"])
+def test_elastic_steps_give_the_same_steps_under_other_layouts(layout, elastic_step_reference):
+    """elastic.granularity=step: the same sub-models, losses and running losses as one process."""
+    rows = _rows(layout, 2, "elastic_step")
+    assert [r.get("submodel") for r in rows] == [r.get("submodel") for r in elastic_step_reference]
+    _same_steps(rows, elastic_step_reference, (*SAME, ("submodel_loss", 1e-5)))
 
 
 def test_moue_pretrain_command_trains_on_preprocessed_text(tmp_path):
@@ -153,13 +205,13 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
                                         ("ep2,sigterm,elastic", 2)])
 def test_resume_continues_exactly(case, nproc):
     """Interrupted after step 2 and resumed: steps 3-4 equal the uninterrupted run bit for bit
-    (elastic: the same sub-models, losses and running per-sub-model losses)."""
+    (elastic micro-batches: the same shares, losses and running per-sub-model losses)."""
     run = launch(CASES, nproc)[f"resume[{case}]"][0]
     straight = {int(k): v for k, v in run["straight"].items()}
     resumed = {int(k): v for k, v in run["resumed"].items()}
     assert sorted(straight) == [1, 2, 3, 4]
     if case.endswith("elastic"):  # the resumed steps train reduced sub-models
-        assert any(straight[k][1] != "layers=4,experts=16,topk=2" for k in (3, 4)), straight
+        assert any(straight[k][4] < 1 for k in (3, 4)), straight
     assert {k: resumed[k] for k in (3, 4)} == {k: straight[k] for k in (3, 4)}
     # A crash during the step-4 save leaves latest at the previous complete checkpoint.
     assert run["latest_after_interrupt"] == "step_0000002"

@@ -25,7 +25,7 @@ fi
 [ "$(id -u)" = 0 ] || { echo "base.sh: debootstrap needs root; run it as root" >&2; exit 2; }
 
 root=$(mktemp -d /var/tmp/moue-stand-in.XXXXXX)
-trap 'rm -rf "$root"' EXIT
+trap 'rm -rf --one-file-system "$root"' EXIT  # never into mounts a failed debootstrap left
 start=$SECONDS
 # ca-certificates: pip reaches PyPI over https.
 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm \

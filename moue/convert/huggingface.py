@@ -42,8 +42,10 @@ from parallel.errors import UserError
 DEFAULT_SEQ_LENGTH = 4096  # of the written config, at most max_position_embeddings
 
 
-def import_hf(hf_dir: str, output: str, overrides: list[str]) -> Path:
-    """Convert the Hugging Face directory ``hf_dir`` into the moue checkpoint ``output``."""
+def import_hf(hf_dir: str, output: str, overrides: list[str],
+              tokenizer: str | None = None) -> Path:
+    """Convert the Hugging Face directory ``hf_dir`` into the moue checkpoint ``output``, with
+    ``tokenizer`` (a tokenizer.json or .model, or 'byte') instead of the directory's own."""
     source = Path(hf_dir)
     out, tmp = new_output(output, "--output")
     check_overrides(overrides, "config.json")
@@ -53,10 +55,11 @@ def import_hf(hf_dir: str, output: str, overrides: list[str]) -> Path:
     tree = moue_sections(hf, family, where)
     tree["model"]["seq_length"] = min(int(hf.get("max_position_embeddings") or DEFAULT_SEQ_LENGTH),
                                       DEFAULT_SEQ_LENGTH)
-    tok = tokenizer_file(source)
+    tok = tokenizer or tokenizer_file(source)
     if tok is None:
-        raise UserError(f"--hf {source}: no tokenizer.json nor tokenizer.model; copy the model's "
-                        "tokenizer files into it (moue tokenizes training data with them)")
+        raise UserError(f"--hf {source}: no tokenizer.json nor tokenizer.model; pass the model's "
+                        "tokenizer with --tokenizer FILE, or copy its tokenizer files into the "
+                        "directory (moue tokenizes training data with it)")
     check_tokenizer(str(tok), tree["model"]["vocab_size"], where)
     tensors = Tensors(source)
     return write_imported(

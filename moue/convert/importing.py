@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from data_tools.tokenizer import load_tokenizer
+from moue import outputs
 from moue.config import IMPLEMENTATION_KNOBS, TRAINING_KNOBS, RunConfig, load_config
 from moue.convert.hf_format import copy_tokenizer
 from moue.elastic.export import SINGLE
@@ -30,16 +31,11 @@ from parallel.errors import UserError
 
 
 def new_output(output: str, flag: str) -> tuple[Path, Path]:
-    """The output path (must not exist) and its hidden staging twin; one process only."""
-    out = Path(output)
-    if out.exists():
-        raise UserError(f"{flag} {out}: exists; give a new directory (nothing is overwritten)")
+    """The output path and its hidden staging twin (``moue.outputs``); one process only."""
     if launch.read_launch_env().world_size != 1:
         raise UserError("moue-convert runs as one process (it holds the whole model); run it "
                         "without torchrun")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out, tmp
+    return outputs.new_output(output, flag)
 
 
 def check_overrides(overrides: list[str], source: str) -> None:

@@ -27,7 +27,6 @@ Latent Attention, biases on every linear, learned positions, ...) is refused by 
 from __future__ import annotations
 
 import enum
-import pickle
 import re
 from argparse import Namespace
 from dataclasses import replace
@@ -84,7 +83,10 @@ def iteration_dir(path: str) -> Path:
 def _cause(err: Exception) -> str:
     """The line of a load error that says what failed: torch's weights-only unpickler opens with
     a paragraph of advice and names the offending global further down."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = str(err)
+    if "WeightsUnpickler error:" in text:  # torch's rewrapped message: what follows says it
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     named = [line for line in lines if "Unsupported" in line or "GLOBAL" in line]
     return (named or lines or [repr(err)])[0][:300]
 
@@ -97,9 +99,15 @@ def _enum_member(cls, name):
     is an ``AttnBackend``) name ``builtins.getattr``, which torch's weights-only unpickler refuses:
     it could reach anything. The class itself has already passed the unpickler's allow-list
     (Megatron-Core registers its enums), so a member looked up by name is as safe as the class."""
+    # ValueError, not pickle.UnpicklingError: torch rewraps the latter in a paragraph of advice
+    # (to load with weights_only=False) that would hide what was refused.
     if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
-        raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}): only enum members are read")
-    return cls[name]
+        raise ValueError(f"getattr({cls!r}, {name!r}): only enum members are read")
+    try:
+        return cls[name]
+    except KeyError:
+        raise ValueError(f"{cls.__module__}.{cls.__qualname__} has no member {name!r} in the "
+                         "installed megatron-core (saved by a newer Megatron-LM?)") from None
 
 
 ENUMS_BY_NAME = torch.serialization.safe_globals([(_enum_member, "builtins.getattr")])

@@ -41,6 +41,8 @@ def apply_submodel(chunk: torch.nn.Module, sub: SubModel, *, coactivation_prob: 
     kept = set(sub.layers)
     for layer in decoder.layers:
         layer.skip = layer.layer_number - 1 not in kept
+        layer.skip_b = None  # per-sample skips are per micro-batch (moue.elastic.microbatch)
+        layer.recompute_queue.clear()  # a step that failed part-way leaves none for the next
     routers = [layer.mlp.router for layer in decoder.layers if layer.is_moe_layer]
     if not routers:
         return None

@@ -1,10 +1,16 @@
 """The ``elastic:`` config section and the rules that tie it to the model.
 
-Three axes, each drawn independently per optimizer step: depth (``layers``: kept layer counts),
-width (``experts``: kept pool experts) and top-k (``topk``). Each axis takes its full value with
-probability ``*_full_prob``, else one of its reduced choices uniformly. A choice list left null
-takes ERNIE 5.0's defaults (``resolve``): 3/4 of the layers, half the pool, every k below the
-configured one. ``elastic.enabled=false`` (the default) changes nothing in a run.
+Three axes: depth (``layers``: kept layer counts), width (``experts``: kept pool experts) and
+top-k. ``granularity`` says where sub-models are drawn:
+- ``microbatch`` (the default, as ERNIE 5.0's training code does): the first ``full_share`` of
+  each step's micro-batches train the full model, the rest sub-models drawn per sample (depth,
+  width) and per sample and MoE layer (top-k: ``k x B`` split over the micro-batch's ``B``
+  samples, each between 1 and ``topk_max``, so the mean stays ``k``) - ``moue.elastic.microbatch``;
+- ``step``: one sub-model per optimizer step (``moue.elastic.schedule``), top-k from ``topk``.
+Each axis takes its full value with probability ``*_full_prob``, else one of its reduced choices
+uniformly. A choice list left null takes ERNIE 5.0's defaults (``resolve``): 3/4 of the layers,
+half the pool, every k below the configured one. ``elastic.enabled=false`` (the default) changes
+nothing in a run.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from parallel.errors import UserError
 class ElasticConfig(Section):
     section = "elastic"
     enabled: bool = False
+    granularity: str = "microbatch"  # microbatch (ERNIE 5.0's code) | step (one per step)
+    full_share: float = 0.75  # microbatch: share of each step's micro-batches on the full model
+    topk_max: int | None = None  # microbatch: largest per-sample k; null: 2 * moe.topk - 1
     layers: list | None = None  # reduced depths; null: [round(3/4 * model.num_layers)]
     layers_full_prob: float = 0.75
     layers_policy: str = "spread"  # spread (evenly spaced, first and last kept) | random
@@ -41,6 +50,12 @@ class ElasticConfig(Section):
                 check(all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
                           for c in choices), f"elastic.{axis}", choices,
                       "must be a list of positive integers, e.g. [2, 3] (or null for the default)")
+        one_of("elastic.granularity", self.granularity, ("microbatch", "step"))
+        check(0 < self.full_share <= 1, "elastic.full_share", self.full_share,
+              "must be a share in (0, 1] (1: every micro-batch trains the full model); the "
+              "balance learns from the full-model micro-batches only, so some must be")
+        check(self.topk_max is None or (isinstance(self.topk_max, int) and self.topk_max >= 1),
+              "elastic.topk_max", self.topk_max, "must be a positive integer or null (2k - 1)")
         one_of("elastic.layers_policy", self.layers_policy, ("spread", "random"))
         one_of("elastic.experts_policy", self.experts_policy, ("random", "nested"))
         check(0 <= self.coactivation_prob <= 1, "elastic.coactivation_prob",
@@ -62,6 +77,14 @@ class Choices:
     full_topk: int
     block_size: int | None  # pool experts per width block (moue.model.topology)
     k_ideal: int
+    window: int = 0  # experts in a layer's window
+    topk_max: int = 0  # microbatch granularity: the largest per-sample k (resolved)
+
+    def kept_window(self, width: int) -> int:
+        """Experts of each window that a sub-model of ``width`` pool experts keeps."""
+        if width == self.num_experts:
+            return self.window
+        return width * self.block_size // self.num_experts * self.window // self.block_size
 
 
 def resolve(elastic: ElasticConfig, *, num_layers: int, num_experts: int, topk: int,
@@ -105,10 +128,13 @@ def resolve(elastic: ElasticConfig, *, num_layers: int, num_experts: int, topk: 
     if elastic.coactivation_prob > 0:
         check(topk < k_ideal <= window, "elastic.k_ideal", k_ideal,
               f"must be above moe.topk={topk} and at most the window ({window} experts)")
+    topk_max = elastic.topk_max if elastic.topk_max is not None else min(2 * topk - 1, window)
+    check(topk <= topk_max <= window, "elastic.topk_max", elastic.topk_max,
+          f"must be between moe.topk={topk} and the window ({window} experts)")
     return Choices(tuple(sorted({d for d in layers if d < num_layers})),
                    tuple(sorted({m for m in experts if m < num_experts})),
                    tuple(sorted({k for k in choices if k != topk})), num_layers, num_experts,
-                   topk, block_size, k_ideal)
+                   topk, block_size, k_ideal, window, topk_max)
 
 
 def _widths(num_experts, blocks, block_size, window, topk) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ import yaml
 from moue.config import RunConfig, load_config
 from moue.elastic.apply import effective_mask
 from moue.elastic.submodel import SubModel, parse
+from moue.outputs import new_output
 from moue.run_check import check_run
 from moue.training import checkpoint
 from parallel import launch
@@ -123,9 +123,7 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
             raise UserError(f"override {item!r}: the model and moe sections of the export come "
                             "from the checkpoint and --submodel; override the layout, train, "
                             "data, logging or elastic sections only")
-    out = Path(output)
-    if out.exists():
-        raise UserError(f"--output {out}: exists; give a new directory (nothing is overwritten)")
+    out, tmp = new_output(output, "--output")
     env = launch.read_launch_env()
     if env.world_size != 1:
         raise UserError("moue-export runs as one process (it loads the whole model); run it "
@@ -148,8 +146,6 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
         check_run(target)
     except UserError as err:
         raise UserError(f"the exported sub-model ({sub.label}): {err}") from None
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     single = load_config(None, [*SINGLE, f"checkpoint.dir={tmp}"], base=tree)
     layout = check_run(single, 1)
     launch.init_distributed(layout, device="cpu", env=env)

@@ -1,4 +1,4 @@
-"""The sub-model of each optimizer step.
+"""The sub-model of each optimizer step (``elastic.granularity=step``).
 
 Step ``t`` (0-based: the number of steps done before it) draws from a generator seeded by
 ``(train.seed, t)`` alone, so every rank of every layout draws the same sub-model with no
@@ -28,6 +28,29 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
 
 
+def pick_size(gen: torch.Generator, full: int, reduced: tuple, full_prob: float) -> int:
+    """The full value with probability ``full_prob``, else one of ``reduced`` uniformly (two
+    draws from ``gen`` whatever the outcome, so later draws do not depend on it)."""
+    coin = torch.rand((), generator=gen).item()
+    pick = torch.randint(len(reduced) or 1, (), generator=gen).item()
+    return full if not reduced or coin < full_prob else reduced[pick]
+
+
+def kept_sets(elastic: ElasticConfig, choices: Choices, depth: int, width: int,
+              gen: torch.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The layers and pool experts a draw of ``depth`` and ``width`` keeps, by the policies."""
+    c = choices
+    layers = (random_layers(c.num_layers, depth, gen) if elastic.layers_policy == "random"
+              else spread_layers(c.num_layers, depth))
+    if width == c.num_experts:
+        experts = tuple(range(c.num_experts))
+    elif elastic.experts_policy == "random":
+        experts = random_experts(c.num_experts, c.block_size, width, gen)
+    else:
+        experts = nested_experts(c.num_experts, c.block_size, width)
+    return layers, experts
+
+
 @dataclass(frozen=True)
 class Draw:
     submodel: SubModel
@@ -38,24 +61,12 @@ class Schedule:
     def __init__(self, elastic: ElasticConfig, choices: Choices, seed: int):
         self.elastic, self.choices, self.seed = elastic, choices, seed
 
-    def _size(self, gen, full: int, reduced: tuple, full_prob: float) -> int:
-        coin = torch.rand((), generator=gen).item()
-        pick = torch.randint(len(reduced) or 1, (), generator=gen).item()
-        return full if not reduced or coin < full_prob else reduced[pick]
-
     def draw(self, step: int) -> Draw:
         e, c = self.elastic, self.choices
         gen = step_generator(self.seed, step)
-        depth = self._size(gen, c.num_layers, c.layers, e.layers_full_prob)
-        width = self._size(gen, c.num_experts, c.experts, e.experts_full_prob)
-        topk = self._size(gen, c.full_topk, c.topk, e.topk_full_prob)
-        layers = (random_layers(c.num_layers, depth, gen) if e.layers_policy == "random"
-                  else spread_layers(c.num_layers, depth))
-        if width == c.num_experts:
-            experts = tuple(range(c.num_experts))
-        elif e.experts_policy == "random":
-            experts = random_experts(c.num_experts, c.block_size, width, gen)
-        else:
-            experts = nested_experts(c.num_experts, c.block_size, width)
+        depth = pick_size(gen, c.num_layers, c.layers, e.layers_full_prob)
+        width = pick_size(gen, c.num_experts, c.experts, e.experts_full_prob)
+        topk = pick_size(gen, c.full_topk, c.topk, e.topk_full_prob)
+        layers, experts = kept_sets(e, c, depth, width, gen)
         routing_seed = int(torch.randint(2**62, (), generator=gen).item())
         return Draw(SubModel(layers, experts, topk), routing_seed)

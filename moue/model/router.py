@@ -64,6 +64,12 @@ class ElasticRouting:
     k_ideal: int = 0
     seed: int = 0  # the step's seed of co-activation sampling
     sharpen_coeff: float = 0.0
+    # An elastic micro-batch (elastic.granularity=microbatch, moue.elastic.microbatch): per
+    # sample b the pool experts kept and per MoE layer l and sample b the top-k; no balance.
+    sub_batch: bool = False
+    keep_bE: torch.Tensor | None = None  # [b, E] bool; None: all
+    # per MoE layer, [(k, the samples routing with k)]; None: the configured k for every sample
+    topk_groups: list | None = None
 
 
 @dataclass
@@ -157,9 +163,11 @@ class UniversalRouter(TopKRouter):
         logits_sbE = logits_sbW.new_full((*logits_sbW.shape[:-1], self.shared.topology.num_experts),
                                          MASKED)
         logits_sbE = logits_sbE.index_copy(-1, self.eligible_W, logits_sbW)
-        keep_E = self.shared.elastic.keep_E
+        keep_E, keep_bE = self.shared.elastic.keep_E, self.shared.elastic.keep_bE
         if keep_E is not None:
             logits_sbE = logits_sbE.masked_fill(~keep_E, MASKED)
+        if keep_bE is not None:  # per sample: logits are [s, b, E]
+            logits_sbE = logits_sbE.masked_fill(~keep_bE, MASKED)
         return logits_sbE
 
     def routing(self, logits: torch.Tensor, padding_mask=None):
@@ -169,19 +177,27 @@ class UniversalRouter(TopKRouter):
         s, b, num_experts = logits.shape
         logits_TE = self.apply_z_loss(logits.view(-1, num_experts))
         balance = self.shared.balance
-        probs_TE, map_TE = self._select(logits_TE, self.topk)
         elastic = self.shared.elastic
+        if elastic.topk_groups is not None:
+            probs_TE, map_TE = self._select_per_sample(
+                logits_TE, elastic.topk_groups[self.moe_index], s, b)
+        else:
+            probs_TE, map_TE = self._select(logits_TE, self.topk)
         # Routing itself depends on self.training alone: under full recompute the first pass
         # runs without grad and must route as the recomputed one does.
-        if self.training and elastic.coactivation_prob > 0:
+        if self.training and elastic.coactivation_prob > 0 and not elastic.sub_batch:
             probs_TE, map_TE = self._coactivate(logits_TE, probs_TE, map_TE, s, b)
         if self.training and torch.is_grad_enabled():
             # Counted once per forward: under full recompute the first pass runs without grad.
-            probs_TE = self._attach_balance_loss(logits_TE, probs_TE, map_TE)
+            if not elastic.sub_batch:  # elastic micro-batches leave the balance alone
+                probs_TE = self._attach_balance_loss(logits_TE, probs_TE, map_TE)
+            else:
+                self._record_no_balance_loss(logits_TE)
             if elastic.sharpen_coeff:
                 probs_TE = self._attach_sharpening_loss(logits_TE, probs_TE)
             with torch.no_grad():
-                balance.count(self.moe_index, map_TE)
+                if not elastic.sub_batch:
+                    balance.count(self.moe_index, map_TE)
                 self._record_entropy(logits_TE)
         if self.state_dim:
             moved_sbD = (probs_TE.float() @ self.shared.embedding.weight.float()).view(s, b, -1)
@@ -199,6 +215,20 @@ class UniversalRouter(TopKRouter):
             logits_TE, topk, use_pre_softmax=self.config.moe_router_pre_softmax,
             scaling_factor=self.config.moe_router_topk_scaling_factor,
             score_function=self.score_function)
+
+    def _select_per_sample(self, logits_TE, groups, s, b):
+        """``_select`` with a top-k per sample: each token's gates and map are those of top-k
+        routing with its sample's k. ``groups``: [(k, samples [n] on the device)]; tokens are
+        [s, b] flattened, so sample j's tokens are rows j, b + j, 2b + j, ... (no host sync)."""
+        probs_TE = torch.zeros_like(logits_TE)
+        map_TE = torch.zeros_like(logits_TE, dtype=torch.bool)
+        positions = torch.arange(s, device=logits_TE.device)[:, None] * b
+        for k, samples_n in groups:
+            rows_R = (positions + samples_n[None, :]).reshape(-1)
+            probs_RE, map_RE = self._select(logits_TE[rows_R], k)
+            probs_TE = probs_TE.index_copy(0, rows_R, probs_RE.type_as(probs_TE))
+            map_TE = map_TE.index_copy(0, rows_R, map_RE)
+        return probs_TE, map_TE
 
     def _coactivate(self, logits_TE, probs_TE, map_TE, s, b):
         """Co-activation sampling (module docstring): sampled positions keep a random k of their
@@ -244,6 +274,20 @@ class UniversalRouter(TopKRouter):
         # The tracker sums over the sequence-parallel group: record this shard's share.
         save_to_aux_losses_tracker("router_entropy", normalised / self.tp_cp_group.size(),
                                    self.layer_number, num_layers, reduce_group=self.tp_cp_group)
+
+    def _record_no_balance_loss(self, logits_TE):
+        """An elastic micro-batch adds no balance loss, but records zero under each name a
+        full-model one records: Megatron's tracker creates names when first recorded and reduces
+        each over the ranks, so every rank must hold the same names (a data-parallel rank with
+        only elastic micro-batches would otherwise fall out of step in the reductions)."""
+        balance = self.shared.balance
+        names = (["balance_loss"] if balance.coeff and type(balance).layer_loss
+                 is not Balance.layer_loss else []) + (
+            ["ep_balance_loss"] if balance.ep_coeff and balance.ep_groups > 1 else [])
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        for name in names:
+            save_to_aux_losses_tracker(name, logits_TE.new_zeros(()), self.layer_number,
+                                       num_layers, reduce_group=self.tp_cp_group)
 
     def _attach_balance_loss(self, logits_TE, probs_TE, map_TE):
         """The pool's balance loss and the expert-parallel one (``moue.model.balance``)."""

@@ -65,6 +65,9 @@ def evaluate(load: str, texts: list[str], whole_family: bool, overrides: list[st
     """Rows of the table (the same on every rank); starts and stops the process groups."""
     path = checkpoint.resolve(load)
     cfg = checkpoint_config(path, overrides)
+    if not cfg.data.valid_share:
+        raise UserError(f"data.split={cfg.data.split} leaves no validation split, which "
+                        "moue-eval scores: pass data.split=98,2,0 (or --tokens FILE.npy)")
     subs = submodels_to_evaluate(cfg, texts, whole_family)
     env = launch.read_launch_env()
     with loaded_trainer(path, cfg, check_run(cfg, env.world_size), env) as trainer:

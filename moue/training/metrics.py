@@ -15,7 +15,12 @@ Elastic runs log each step's sub-model (``submodel``, ``submodel_layers``, ``sub
 ``submodel_topk``) and, per sub-model, the running mean of its last ``SubModelFigures.WINDOW``
 losses and tokens/s (``submodel_loss``, ``submodel_tokens_per_s``; TensorBoard
 ``elastic/loss/<sub-model>`` and ``elastic/tokens-per-s/<sub-model>``). A sub-model step's load
-figures cover the experts and layers it kept.
+figures cover the experts and layers it kept. Under ``elastic.granularity=microbatch`` a step
+trains many: it logs the full-model micro-batches' loss (``loss_full``) apart from the elastic
+ones' (``loss_elastic``), the share of its micro-batches that trained the full model
+(``microbatches_full``), the share of the step's samples that trained the full model and that
+had a reduced depth, width or a top-k other than k at some layer (``samples_*``), and each
+sub-model's running loss over its samples (``family_loss``, ``elastic/loss/<sub-model>``).
 
 Expert-parallel balance: pool expert ``e`` sits on EP rank ``e mod EP`` (``moue.model.pool``),
 so a layer's tokens per EP rank are its assignment counts summed over ``e mod EP``. Per layer
@@ -45,7 +50,13 @@ TB_NAMES = {"loss": "lm loss", "lr": "learning-rate", "grad_norm": "grad-norm",
             "ep_balance_loss": "moue/ep-balance-loss",
             "tflops": "throughput/tflops", "mfu": "throughput/mfu",
             "router_sharpen_loss": "elastic/router-sharpen-loss", "submodel_layers": "elastic/layers",
-            "submodel_experts": "elastic/experts", "submodel_topk": "elastic/topk"}
+            "submodel_experts": "elastic/experts", "submodel_topk": "elastic/topk",
+            "loss_full": "elastic/loss-full-model", "loss_elastic": "elastic/loss-elastic-micro-batches",
+            "samples_full": "elastic/samples-full-model",
+            "microbatches_full": "elastic/micro-batches-full-model",
+            "samples_reduced_depth": "elastic/samples-reduced-depth",
+            "samples_reduced_width": "elastic/samples-reduced-width",
+            "samples_mixed_topk": "elastic/samples-mixed-topk"}
 PER_SUBMODEL = {"submodel_loss": "elastic/loss", "submodel_tokens_per_s": "elastic/tokens-per-s"}
 PER_LAYER = {"router_entropy_by_layer": "moue/router-entropy",
              "ep_load_max_over_mean_by_layer": "moue/ep-load-max-over-mean"}
@@ -140,6 +151,31 @@ class SubModelFigures:
         self.history = {k: [tuple(x) for x in v] for k, v in state.items()}
 
 
+class FamilyLosses:
+    """Elastic micro-batches (``elastic.granularity=microbatch``): the running mean of each
+    sub-model's per-step loss (over its samples) over the last ``WINDOW`` steps it trained in,
+    reported for the sub-models of the step; checkpointed with the trainer."""
+
+    WINDOW = SubModelFigures.WINDOW
+
+    def __init__(self):
+        self.history: dict[str, list[float]] = {}
+
+    def update(self, step_losses: dict[str, float]) -> dict[str, float]:
+        for label, loss in step_losses.items():
+            seen = self.history.setdefault(label, [])
+            seen.append(loss)
+            del seen[:-self.WINDOW]
+        return {label: sum(self.history[label]) / len(self.history[label])
+                for label in step_losses}
+
+    def state_dict(self) -> dict:
+        return {k: list(v) for k, v in self.history.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {k: list(v) for k, v in state.items()}
+
+
 class StepClock:
     """Wall time of a step, and the throughput figures derived from it."""
 
@@ -232,6 +268,8 @@ class MetricsLogger:
         for key, tag in PER_SUBMODEL.items():
             if key in metrics:
                 self.writer.add_scalar(f"{tag}/{metrics['submodel']}", metrics[key], step)
+        for label, value in (metrics.get("family_loss") or {}).items():
+            self.writer.add_scalar(f"elastic/loss/{label}", value, step)
 
     def log_heatmap(self, step: int) -> None:
         if self.enabled and self.last_loads is not None:
@@ -288,7 +326,7 @@ def report(log_dir: str) -> str:
     if checkpoints.exists():
         lines.append(f"checkpoint:  {checkpoints.parent / checkpoints.read_text().strip()} "
                      "(run the same command again to resume from it)")
-        if any("submodel" in r for r in rows):  # an elastic run
+        if any("submodel" in r or "family_loss" in r for r in rows):  # an elastic run
             lines.append(f"sub-models:  moue-eval --load {checkpoints.parent} --family")
     return "\n".join(lines)
 

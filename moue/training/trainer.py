@@ -5,9 +5,12 @@
 (``data_tools.megatron_data``). ``fit()`` steps it; step metrics are derived in
 ``moue.training.metrics`` and checkpoints written by ``moue.training.checkpoint``.
 
-Elastic training (``elastic.enabled``): before each optimizer step the step's sub-model is drawn
-(``moue.elastic.schedule``, from ``(train.seed, step)`` alone) and put onto the model
-(``moue.elastic.apply``); evaluation runs the full model.
+Elastic training (``elastic.enabled``): under ``elastic.granularity=microbatch`` each micro-batch's
+draw (``moue.elastic.microbatch``: None for the full model, else per-sample sub-models) is put
+onto the model by the forward step, just before that micro-batch's forward on each stage; under
+``step`` the step's sub-model (``moue.elastic.schedule``) before the step
+(``moue.elastic.apply``). Draws depend on ``(train.seed, step, micro-batch)`` alone. Evaluation
+runs the full model.
 
 Data order: step ``k`` reads global samples ``[k*G, (k+1)*G)`` of the train split (``G`` the
 global batch), each data-parallel rank its contiguous slice in micro-batches, so the order is
@@ -17,6 +20,7 @@ loads them ahead of the step).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
@@ -31,6 +35,7 @@ from tqdm import tqdm
 from data_tools.megatron_data import gpt_datasets
 from data_tools.tokenizer import load_tokenizer
 from moue.config import RunConfig
+from moue.elastic import microbatch
 from moue.elastic.apply import apply_submodel
 from moue.elastic.schedule import Schedule
 from moue.elastic.submodel import SubModel
@@ -40,17 +45,23 @@ from moue.model.init import init_by_global_key
 from moue.model.megatron_config import top1_post_softmax, transformer_config
 from moue.model.size import flops_per_token
 from moue.model.widening import set_widening
-from moue.run_check import check_run, local_attention_warning, plan_run
+from moue.run_check import check_run, check_training, local_attention_warning, plan_run
 from moue.training import checkpoint
 from moue.training.batches import TrainBatches, collate
 from moue.training.engine import build_engine
-from moue.training.metrics import MetricsLogger, StepClock, SubModelFigures, step_figures
+from moue.training.metrics import (
+    FamilyLosses,
+    MetricsLogger,
+    StepClock,
+    SubModelFigures,
+    step_figures,
+)
 from parallel import launch
 from parallel.capability import Capabilities
 from parallel.errors import UserError
 from parallel.layout import ParallelLayout
 from parallel.pool_sync import finish_step_loads
-from parallel.reduce import any_rank, data_parallel_slice, is_logging_rank, step_mean
+from parallel.reduce import any_rank, data_parallel_slice, is_logging_rank, step_mean, step_rows
 
 
 @dataclass
@@ -116,11 +127,14 @@ class Trainer:
                                layout.world_size)
         self.moe_layers = frozenset(cfg.model.moe_layers)  # for the per-layer figures
         self.ep_ranks = cfg.logging.ep_balance_ranks or layout.ep  # of the EP-balance figure
-        choices = cfg.elastic_choices()
-        self.schedule = (Schedule(cfg.elastic, choices, cfg.train.seed)
-                         if cfg.elastic.enabled else None)
+        choices, e = cfg.elastic_choices(), cfg.elastic
+        self.schedule = (Schedule(e, choices, cfg.train.seed)
+                         if e.enabled and e.granularity == "step" else None)
+        self.microbatches = (
+            microbatch.MicrobatchSchedule(e, choices, cfg.train.seed, cfg.model.moe_layer_freq)
+            if e.enabled and e.granularity == "microbatch" else None)
         self.full = full_submodel(choices) if choices else None
-        self.submodel_figures = SubModelFigures()
+        self.submodel_figures, self.family_losses = SubModelFigures(), FamilyLosses()
         self._batches, self._batches_at = None, None  # the training stream (_train_batches)
         self._flops: dict[SubModel, float] = {}
 
@@ -135,12 +149,14 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"scheduler": self.engine.scheduler.state_dict(), "state": asdict(self.state),
-                "submodel_figures": self.submodel_figures.state_dict()}
+                "submodel_figures": self.submodel_figures.state_dict(),
+                "family_losses": self.family_losses.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.engine.scheduler.load_state_dict(state["scheduler"])
         self.state = TrainState(**state["state"])
         self.submodel_figures.load_state_dict(state.get("submodel_figures", {}))
+        self.family_losses.load_state_dict(state.get("family_losses", {}))
 
     # --- elastic sub-models ---
 
@@ -151,9 +167,33 @@ class Trainer:
             return None
         e = self.cfg.elastic
         return apply_submodel(self.model.module, sub or self.full,
-                       coactivation_prob=e.coactivation_prob if self.schedule else 0.0,
+                       coactivation_prob=e.coactivation_prob if e.enabled else 0.0,
                        k_ideal=self.cfg.elastic_choices().k_ideal, routing_seed=routing_seed,
-                       sharpen_coeff=e.sharpen_coeff if self.schedule else 0.0)
+                       sharpen_coeff=e.sharpen_coeff if e.enabled else 0.0)
+
+    def _elastic_forward_step(self, plan: list) -> tuple:
+        """Megatron's forward step for a step of elastic micro-batches: each micro-batch's draw
+        (``plan``, by index in the global batch) goes onto the model just before its forward on
+        this stage, and the last stage keeps per micro-batch its loss and its samples' losses."""
+        mbs = self.cfg.train.micro_batch_size
+        first = data_parallel_slice(self.cfg.train.global_batch_size, self.pg.dp)[0] // mbs
+        seen, rows = itertools.count(first), []
+
+        def forward_step(data_iterator, model):
+            microbatch.apply_microbatch(self.model.module, plan[next(seen)])
+            mb = next(data_iterator)
+            per_token, loss_func = _forward_step(iter([mb]), model)
+
+            def keep_losses(output):
+                loss, reduced = loss_func(output)
+                mask = mb["loss_mask"].float()
+                per_sample = (output.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+                rows.append(torch.cat([reduced["lm loss"].view(1), per_sample.detach()]))
+                return loss, reduced
+
+            return per_token, keep_losses
+
+        return forward_step, rows
 
     def _submodel_flops(self, sub: SubModel) -> float:
         if sub not in self._flops:  # per Trainer: a class-level cache would keep every Trainer
@@ -249,14 +289,28 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics (the same numbers on every rank)."""
-        sub = active_LE = None
+        sub = active_LE = plan = None
+        forward_step = _forward_step
+        if self.microbatches is not None:
+            t, step = self.cfg.train, self.state.step
+            self.use_submodel(None, self.microbatches.routing_seed(step))
+            count = t.global_batch_size // t.micro_batch_size
+            plan = [self.microbatches.draw(step, j, count, t.micro_batch_size)
+                    for j in range(count)]
+            forward_step, rows = self._elastic_forward_step(plan)
         if self.schedule is not None:
             draw = self.schedule.draw(self.state.step)
             sub = draw.submodel
             active_LE = self.use_submodel(sub, draw.routing_seed)
             self.clock.flops_per_token = self._submodel_flops(sub)
         self.clock.start()
-        loss = self._run_schedule(self.train_data, self.state.consumed_samples, forward_only=False)
+        loss = self._run_schedule(self.train_data, self.state.consumed_samples, forward_only=False,
+                                  forward_step=forward_step)
+        if plan is not None:
+            microbatch.finish_step(self.model.module)
+            losses_Mb = step_rows(rows, self.num_microbatches, 1 + self.cfg.train.micro_batch_size,
+                                  self.device, self.pg)
+            figures, by_label = microbatch.step_figures(plan, losses_Mb, self.cfg.elastic_choices())
         if not math.isfinite(loss):
             if self.cfg.train.on_nan == "stop":
                 raise NonFiniteLoss(f"step {self.state.step + 1}: loss is {loss}; lower train.lr or "
@@ -271,6 +325,8 @@ class Trainer:
         if sub is not None:
             metrics["active_LE"] = active_LE
             metrics.update(self.submodel_figures.update(sub, loss, metrics["tokens_per_s"]))
+        if plan is not None:
+            metrics.update(figures, family_loss=self.family_losses.update(by_label))
         return metrics
 
     def _note_stop(self, bar, step: int) -> None:
@@ -355,6 +411,7 @@ def run(cfg: RunConfig) -> None:
     """``moue-pretrain``: check the run, start the process groups, build, train."""
     env = launch.read_launch_env()
     layout = check_run(cfg, env.world_size)
+    check_training(cfg)
     plan = plan_run(cfg)  # what this machine cannot serve is refused before any process group
     launch.init_distributed(layout, device="auto", env=env)
     if env.rank == 0:
@@ -383,6 +440,7 @@ def train(cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> Train
     the Trainer, closed (``Trainer.close``): its model and data stay readable."""
     if check_run(cfg, layout.world_size) != layout:
         raise ValueError(f"the layout {layout.describe()} is not the one cfg.parallel gives")
+    check_training(cfg)
     with checkpoint.run_lock(cfg.checkpoint.dir, cfg.logging.dir):
         launch.seed_everything(cfg.train.seed)
         with Trainer(cfg, layout, device) as trainer:  # closed however the run ends

@@ -89,8 +89,11 @@ CASES.add("grouped_to_sequential[single]",
 # Recompute: the same numbers as keeping the activations (the trajectory state threads through
 # full recompute; co-activation draws alike in the no-grad pass and the recomputed one).
 # Dense layers between the MoE layers and a shared expert, so "mlp" and "shared_experts" apply.
+# Elastic micro-batches with every axis reduced often: under PP=2 a micro-batch's recomputation
+# comes after later micro-batches have put their draws on the model.
 ELASTIC = ("elastic.enabled=true", "elastic.coactivation_prob=0.5", "elastic.sharpen_coeff=0.01",
-           "model.moe_layer_freq=2", "moe.shared_experts=1")
+           "elastic.layers_full_prob=0.5", "elastic.experts_full_prob=0.5",
+           "elastic.topk_full_prob=0.5", "model.moe_layer_freq=2", "moe.shared_experts=1")
 CASES.add("no_recompute[pp2]", partial(run, "norecompute_pp2", "pp2", *ELASTIC), nproc=2)
 CASES.add("full_recompute[pp2]",
           partial(run, "full_pp2", "pp2", "train.recompute=full", *ELASTIC), nproc=2)

@@ -22,18 +22,22 @@ SHORT = ["train.steps=3", "train.warmup_steps=1", "train.eval_interval=3", "trai
          "logging.interval=1"]
 LAYOUTS = {"single": (1, 1, 1), "dp2": (1, 1, 1), "tp2": (2, 1, 1), "ep2": (1, 1, 2),
            "pp2": (1, 2, 1), "tp2_ep2": (2, 1, 2)}
-# Elastic training with every axis reduced often, co-activation sampling and router sharpening.
+# Elastic training with every axis reduced often, co-activation sampling and router sharpening:
+# the default granularity (micro-batches: 2 of the 4 on the full model, per-sample sub-models on
+# the others, so DP=2's second rank has elastic micro-batches only) and one sub-model per step.
 ELASTIC = ["train.steps=8", "train.eval_interval=8", "elastic.enabled=true",
            "elastic.layers_full_prob=0.5", "elastic.experts_full_prob=0.5",
            "elastic.topk_full_prob=0.5", "elastic.coactivation_prob=0.5",
            "elastic.sharpen_coeff=0.01"]
+ELASTIC_STEP = [*ELASTIC, "elastic.granularity=step"]
+ELASTIC = [*ELASTIC, "elastic.full_share=0.5"]
 
 
 def _train(name: str, *extra: str) -> list | None:
     """Train 3 steps; the logging rank returns the rows of metrics.jsonl, the others None."""
     tp, pp, ep = LAYOUTS[name]
     world = torch.distributed.get_world_size()
-    tag = name + ("-elastic" if extra else "")
+    tag = name + ("-elastic" if extra else "") + ("-step" if "elastic.granularity=step" in extra else "")
     out = Path(tempfile.gettempdir()) / f"moue-train-{os.environ['MASTER_PORT']}" / tag
     cfg = load_config(CONFIG, [*SHORT, f"parallel.tp={tp}", f"parallel.pp={pp}",
                                f"parallel.ep={ep}", f"logging.dir={out}", *extra])
@@ -51,6 +55,9 @@ for _name in ("tp2", "ep2", "pp2"):
 CASES.add("elastic[single]", partial(_train, "single", *ELASTIC), nproc=1)
 for _name in ("dp2", "tp2", "ep2", "pp2", "tp2_ep2"):
     CASES.add(f"elastic[{_name}]", partial(_train, _name, *ELASTIC), nproc=2)
+CASES.add("elastic_step[single]", partial(_train, "single", *ELASTIC_STEP), nproc=1)
+for _name in ("pp2", "tp2_ep2"):
+    CASES.add(f"elastic_step[{_name}]", partial(_train, _name, *ELASTIC_STEP), nproc=2)
 
 
 # --- Checkpoints: exact resume -----------------------------------------------------------------
@@ -61,8 +68,8 @@ RESUME = ["train.steps=4", "train.warmup_steps=1", "train.eval_interval=0",
 
 def _losses(path: Path) -> dict:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return {r["step"]: [r["loss"], r.get("submodel"), r.get("submodel_loss")]
-            for r in rows if "loss" in r}
+    return {r["step"]: [r["loss"], r.get("submodel"), r.get("submodel_loss"),
+                        r.get("family_loss"), r.get("samples_full")] for r in rows if "loss" in r}
 
 
 _STRAIGHT: dict[tuple, dict] = {}  # (layout, config) -> the uninterrupted run's losses
@@ -127,7 +134,7 @@ def _resume_case(name: str, interrupt: str, *extra_config: str) -> dict:
 for _how in ("sigterm", "crash_after_checkpoint", "crash_during_save"):
     CASES.add(f"resume[single,{_how}]", partial(_resume_case, "single", _how), nproc=1)
 CASES.add("resume[ep2,sigterm]", partial(_resume_case, "ep2", "sigterm"), nproc=2)
-# Step 4 draws a reduced sub-model (layers=3,experts=8,topk=1).
+# Elastic micro-batches with reduced sub-models in steps 3 and 4.
 ELASTIC_RESUME = ("elastic.enabled=true", "elastic.layers_full_prob=0.5",
                   "elastic.experts_full_prob=0.5", "elastic.topk_full_prob=0.5",
                   "elastic.coactivation_prob=0.5", "elastic.sharpen_coeff=0.01",
@@ -153,8 +160,8 @@ def _nan_at_step_2(on_nan: str) -> dict:
     init_model_parallel(layout)
     original = training.Trainer._run_schedule
 
-    def schedule(trainer, dataset, first, forward_only):
-        loss = original(trainer, dataset, first, forward_only)
+    def schedule(trainer, dataset, first, forward_only, **kwargs):
+        loss = original(trainer, dataset, first, forward_only, **kwargs)
         return float("nan") if trainer.state.step == 1 and not forward_only else loss
 
     training.Trainer._run_schedule = schedule
