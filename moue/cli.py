@@ -243,6 +243,8 @@ def convert_parser() -> argparse.ArgumentParser:
                      "is such a file here); with --hf, instead of the directory's own (needed "
                      "when it has none)")
     imp.add_argument("--output", required=True, metavar="CKPT", help="a new directory")
+    imp.add_argument("--dtype", choices=("bf16", "fp32"), help="the dtype the weights are "
+                     "written in (default: the source's own; fp16 as fp32)")
     imp.add_argument("overrides", nargs="*", metavar="section.key=value",
                      help="settings of the written config.yaml, e.g. model.seq_length=2048 "
                      "parallel.ep=8 train.lr=1e-4 (the architecture comes from the source)")
@@ -255,6 +257,9 @@ def convert_parser() -> argparse.ArgumentParser:
     exp.add_argument("--hf-output", required=True, metavar="DIR", help="a new directory")
     exp.add_argument("--family", metavar="NAME", help="mixtral, qwen2_moe or qwen3_moe "
                      "(default: the first that can hold the model)")
+    exp.add_argument("--dtype", choices=("bf16", "fp32"), help="the dtype the weights are "
+                     "written in (default: the checkpoint's: bf16 from a bf16 run, fp32 from "
+                     "an fp32 one)")
     wid = commands.add_parser("widen", help="a standard-topology checkpoint -> a progressively "
                               "widened MoUE", description="A standard-topology moue checkpoint "
                               "-> a rotational MoUE whose layers open the rest of their window "
@@ -288,13 +293,14 @@ def convert(argv: list[str] | None = None) -> int:
             if args.megatron:
                 from moue.convert.megatron_lm import import_megatron
 
-                out = import_megatron(args.megatron, args.output, args.overrides, args.tokenizer)
+                out = import_megatron(args.megatron, args.output, args.overrides, args.tokenizer,
+                                      args.dtype)
             else:
-                out = import_hf(args.hf, args.output, args.overrides, args.tokenizer)
+                out = import_hf(args.hf, args.output, args.overrides, args.tokenizer, args.dtype)
             print(f"moue-convert: wrote {out}; continue training with moue-pretrain --config "
                   f"{out / 'config.yaml'}, evaluate with moue-eval --load {out}")
         else:
-            out, family = export_hf(args.load, args.hf_output, args.family)
+            out, family = export_hf(args.load, args.hf_output, args.family, args.dtype)
             print(f"moue-convert: wrote {out} ({family}); load it with "
                   f"transformers.AutoModelForCausalLM.from_pretrained('{out}')")
     except UserError as err:

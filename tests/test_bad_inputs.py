@@ -16,7 +16,8 @@ from data_tools.cli import data_info_main, preprocess_main
 from data_tools.tokenizer import load_tokenizer
 from moue.cli import pretrain
 from moue.config import load_config
-from moue.training.checkpoint import prune, set_aside_newer, step_checkpoints
+from moue.model.checkpoint import step_checkpoints
+from moue.training.checkpoint import prune, set_aside_newer
 from parallel.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

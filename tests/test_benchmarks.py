@@ -107,3 +107,17 @@ def test_conversion_benchmark_continues_base_as_moe_and_widened_moue(tmp_path):
         (v, 1234) for v in ("moe", "widened", "widened-state", "moue-scratch")]
     assert all(r["val_loss"] > 0 for r in figures["runs"])
     assert "| widened: widened to windows of 2N |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_conversion_memory_benchmark_measures_every_tool(tmp_path):
+    out = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, "benchmarks/conversion_memory.py", "--preset", "smoke",
+                           "--work-dir", str(tmp_path / "work"), "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tool"] for r in rows] == ["transformers", "moue import", "moue export"]
+    assert all(r["peak_rss"] > r["model_bytes"] > 0 and r["seconds"] > 0 for r in rows)
+    assert "peak RSS GB" in proc.stdout

@@ -17,12 +17,14 @@ import torch
 import yaml
 
 transformers = pytest.importorskip("transformers")
+from megatron.core import dist_checkpointing  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from moue.config import load_config  # noqa: E402
 from moue.convert.families import export_family  # noqa: E402
 from moue.convert.hf_format import Tensors, write_tensors  # noqa: E402
 from moue.convert.huggingface import export_hf, import_hf  # noqa: E402
+from moue.model import checkpoint  # noqa: E402
 from moue.run_check import check_run  # noqa: E402
 from moue.training.evaluate import evaluate_tokens  # noqa: E402
 from moue.training.trainer import run, train  # noqa: E402
@@ -289,6 +291,65 @@ def test_imported_checkpoint_trains_on_from_its_weights(base, tmp_path):
     assert (ckpt / "step_0000001").is_dir()
 
 
+def test_bf16_weights_stay_bf16_both_ways(tmp_path):
+    """A bf16 Hugging Face model imports as a model-only checkpoint of bf16 weights (no optimizer
+    state) and exports back bit for bit; --dtype fp32 widens either way exactly."""
+    hf = tmp_path / "hf"
+    _hf_model("mixtral").to(torch.bfloat16).save_pretrained(hf)
+    _tokenizer(hf, 90)
+    import_hf(str(hf), str(tmp_path / "moue"), [])
+    step = tmp_path / "moue" / "step_0000000"
+    assert checkpoint.stored_dtype(step) == torch.bfloat16
+    assert checkpoint.saved_config(step)["model_only"] is True
+    stored = dist_checkpointing.load_tensors_metadata(str(step))
+    assert not [k for k in stored if k.startswith("optimizer")]
+    original = load_file(hf / "model.safetensors")
+    for dtype, name in ((None, "bf16"), ("fp32", "fp32")):
+        export_hf(str(tmp_path / "moue"), str(tmp_path / name), None, dtype)
+        exported = load_file(tmp_path / name / "model.safetensors")
+        assert sorted(exported) == sorted(original)
+        want = torch.bfloat16 if dtype is None else torch.float32
+        assert all(exported[k].dtype == want and torch.equal(exported[k], original[k].to(want))
+                   for k in original)
+        written = json.loads((tmp_path / name / "config.json").read_text())["dtype"]
+        assert written == {"bf16": "bfloat16", "fp32": "float32"}[name]
+    import_hf(str(hf), str(tmp_path / "moue32"), [], dtype="fp32")
+    assert checkpoint.stored_dtype(tmp_path / "moue32" / "step_0000000") == torch.float32
+    # an fp32 model (moue-eval on a CPU) loads the bf16 weights widened: transformers' fp32 loss
+    tokens = np.random.default_rng(1).integers(0, 90, size=(2, 13))
+    np.save(tmp_path / "tokens.npy", tokens)
+    loss = evaluate_tokens(str(tmp_path / "moue"), str(tmp_path / "tokens.npy"), [])["loss"]
+    logits = torch.from_numpy(_hf_logits(hf, tokens))
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                             torch.from_numpy(tokens[:, 1:]).flatten()).item()
+    assert abs(loss - want) <= 1e-5 * want, (loss, want)
+
+
+def test_a_bf16_run_from_an_import_keeps_its_weights_in_the_optimizer(tmp_path):
+    """A bf16 run started from a model-only import must take the imported weights into its
+    fp32 master copies (``reload_model_params``): a step whose update is negligible (lr 1e-30)
+    leaves them as imported, where a master copy left at the run's own initialisation would
+    overwrite every weight."""
+    hf = tmp_path / "hf"
+    _hf_model("mixtral").to(torch.bfloat16).save_pretrained(hf)
+    _tokenizer(hf, 90)
+    import_hf(str(hf), str(tmp_path / "moue"), [])
+    cfg = load_config(str(tmp_path / "moue" / "config.yaml"), [
+        "train.precision=bf16", f"logging.dir={tmp_path / 'log'}", "train.steps=1", "train.warmup_steps=0",
+        "train.lr=1e-30", "train.min_lr=0", "train.eval_interval=0", "model.seq_length=16",
+        "train.global_batch_size=2", "train.micro_batch_size=2"])
+    layout = process_groups.init_distributed(check_run(cfg, 1), device="cpu")
+    try:
+        train(cfg, layout, torch.device("cpu"))
+    finally:
+        process_groups.shutdown()
+    assert (tmp_path / "moue" / "step_0000001").is_dir()
+    export_hf(str(tmp_path / "moue"), str(tmp_path / "after"), None)
+    original, after = (load_file(d / "model.safetensors") for d in (hf, tmp_path / "after"))
+    assert all(after[k].dtype == torch.bfloat16 and torch.equal(after[k], original[k])
+               for k in original)
+
+
 def test_sharded_weights_are_read_and_written(tmp_path):
     tensors = {f"t{i}": torch.full((64,), float(i)) for i in range(5)}
     write_tensors(tmp_path, tensors, shard_bytes=600)  # 256 bytes each: 2 per shard
@@ -298,3 +359,15 @@ def test_sharded_weights_are_read_and_written(tmp_path):
     read = Tensors(tmp_path)
     assert read.names() == set(tensors)
     assert all(torch.equal(read.get(n), t) for n, t in tensors.items())
+
+
+def test_shards_take_views_and_repeated_tensors(tmp_path):
+    """What ``to_hf`` hands over: halves of one tensor (written from its memory) and one tensor
+    under two names (a pool expert two layers hold: copied); converted when asked."""
+    fc1 = torch.arange(12.0).reshape(4, 3)
+    gate, up = fc1.chunk(2)
+    tensors = {"gate": gate, "up": up, "layer0.expert": fc1, "layer1.expert": fc1}
+    write_tensors(tmp_path, tensors, dtype=torch.bfloat16)
+    read = load_file(tmp_path / "model.safetensors")
+    assert all(read[n].dtype == torch.bfloat16 and torch.equal(read[n].float(), t)
+               for n, t in tensors.items())

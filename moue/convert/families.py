@@ -156,7 +156,7 @@ def hf_config(cfg: RunConfig, family: Family) -> dict:
           "rope_parameters": {"rope_theta": m.rope_base, "rope_type": "default"},
           "tie_word_embeddings": m.tie_embeddings, "num_experts_per_tok": moe.topk,
           family.experts_key: topology.window, "router_aux_loss_coef": moe.balance_coeff,
-          "attention_dropout": 0.0, "use_cache": True, "dtype": "float32"}
+          "attention_dropout": 0.0, "use_cache": True}
     if family is MIXTRAL:
         hf.update(intermediate_size=moe.expert_ffn_hidden_size, sliding_window=None)
     else:
@@ -285,10 +285,12 @@ def _expert_tensors(tensors, family: Family, layer: int, n: int) -> list[tuple]:
             for j in range(n)]
 
 
-def to_moue(tensors, cfg: RunConfig, family: Family, expected: dict) -> dict:
-    """moue's state_dict (one process) from a Hugging Face directory's ``tensors``; every shape
-    is checked against ``expected`` (the built model's state_dict)."""
-    state, used = {}, set()
+def to_moue(tensors, cfg: RunConfig, family: Family, module: torch.nn.Module) -> None:
+    """Copy a Hugging Face directory's ``tensors`` into ``module`` (moue's model on one process),
+    tensor by tensor: each is read, checked against the module's shape, converted to its dtype
+    and dropped, so at most one source tensor is held beside the model. Every parameter must
+    be given."""
+    expected, used, written = module.state_dict(), set(), set()
 
     def take(name):
         used.add(name)
@@ -300,7 +302,8 @@ def to_moue(tensors, cfg: RunConfig, family: Family, expected: dict) -> dict:
             raise UserError(f"{tensors.directory}: tensor {source} has shape "
                             f"{list(value.shape)}, but config.json makes it {list(want)} (as "
                             f"moue's {key}); the weights and config.json do not belong together")
-        state[key] = value
+        expected[key].copy_(value)
+        written.add(key)
 
     put("embedding.word_embeddings.weight", take("model.embed_tokens.weight"),
         "model.embed_tokens.weight")
@@ -333,12 +336,15 @@ def to_moue(tensors, cfg: RunConfig, family: Family, expected: dict) -> dict:
         raise UserError(f"{tensors.directory}: tensors {unused[:4]}{' ...' if len(unused) > 4 else ''}"
                         f" have no place in a {family.model_type} model of this config.json; "
                         "the weights and config.json do not belong together")
-    return state
+    unset = sorted(n for n, _ in module.named_parameters() if n not in written)
+    if unset:  # a family's tensor moue has no mapping for: a bug, not the user's input
+        raise RuntimeError(f"no Hugging Face tensor was mapped to {unset[:3]}")
 
 
 def to_hf(state: dict, cfg: RunConfig, family: Family) -> dict[str, torch.Tensor]:
     """The Hugging Face tensors of moue's one-process ``state``: each MoE layer's experts are
-    private copies of its window's pool experts, in ascending pool order (as its router rows)."""
+    private copies of its window's pool experts, in ascending pool order (as its router rows);
+    views of ``state`` wherever the layouts allow."""
     out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"]}
     topology, moe_layers = cfg.topology(), cfg.model.moe_layers
     gate_n, up_n, down_n = family.expert_names
@@ -364,6 +370,6 @@ def to_hf(state: dict, cfg: RunConfig, family: Family) -> dict[str, torch.Tensor
     out["model.norm.weight"] = state["decoder.final_layernorm.weight"]
     if not cfg.model.tie_embeddings:
         out["lm_head.weight"] = state["output_layer.weight"]
-    # clone: a pool expert shared by several layers is written once per layer (safetensors
-    # refuses tensors that share memory)
-    return {k: v.detach().float().clone().contiguous() for k, v in out.items()}
+    # Views of ``state`` (no copies; the q/k/v split alone copies): ``write_tensors`` converts
+    # and copies shard by shard, and copies a pool expert shared by several layers.
+    return out

@@ -8,7 +8,6 @@ tensor name -> shard file), the layout ``save_pretrained`` writes.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -47,7 +46,10 @@ def read_config(directory: Path) -> dict:
 
 
 class Tensors:
-    """The tensors of a Hugging Face directory, read one at a time (as float32) on demand."""
+    """The tensors of a Hugging Face directory, read one at a time, in their stored dtype, on
+    demand. Each read opens its shard and closes it again: safetensors maps the file, and a
+    mapping kept open would keep every page read so far resident (host memory the size of the
+    files, beside the model being filled)."""
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -93,35 +95,47 @@ class Tensors:
         path = self.files[name]
         try:
             with safe_open(path, "pt") as f:
-                return f.get_tensor(name).float()
+                return f.get_tensor(name)
         except (SafetensorError, OSError) as err:
             raise UserError(f"{path}: cannot read tensor {name!r} ({err}); the file is damaged "
                             "or incomplete: download it again") from None
 
 
-def write_tensors(directory: Path, tensors: dict[str, torch.Tensor],
+def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
                   shard_bytes: int = SHARD_BYTES) -> None:
-    """``tensors`` as ``save_pretrained`` lays them out: one file, or shards and an index."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    """``tensors`` (in ``dtype``; None: their own) as ``save_pretrained`` lays them out: one
+    file, or shards and an index. Converted and made contiguous one shard at a time, so only
+    that shard's copies exist beside the tensors given (safetensors writes from the tensors'
+    memory without a copy); a tensor that is the same memory as one already in the shard (a
+    pool expert that several layers hold) is copied, as safetensors refuses shared memory."""
+    def nbytes(t):
+        return t.numel() * (torch.empty((), dtype=dtype or t.dtype).element_size())
+
+    shards: list[list[str]] = [[]]
     size = 0
     for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
+        if shards[-1] and size + nbytes(tensor) > shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor.contiguous()
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], directory / SINGLE, metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, start=1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        shards[-1].append(name)
+        size += nbytes(tensor)
+    files = ([SINGLE] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    for file, names in zip(files, shards, strict=True):
+        shard, seen = {}, set()
+        for name in names:
+            t = tensors[name].detach().to(dtype or tensors[name].dtype).contiguous()
+            span = (t.data_ptr(), nbytes(t))  # to_hf's views are equal or disjoint, never partial
+            shard[name] = t.clone() if span in seen else t
+            seen.add(span)
         save_file(shard, directory / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-    (directory / INDEX).write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        del shard
+    if len(shards) > 1:
+        weight_map = {name: file for file, names in zip(files, shards, strict=True)
+                      for name in names}
+        total = sum(nbytes(t) for t in tensors.values())
+        (directory / INDEX).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 def tokenizer_file(directory: Path) -> Path | None:
@@ -129,9 +143,6 @@ def tokenizer_file(directory: Path) -> Path | None:
     return next((directory / n for n in TOKENIZER_FILES[:2] if (directory / n).exists()), None)
 
 
-def copy_tokenizer(source: Path, target: Path) -> list[str]:
-    """Copy the tokenizer files present in ``source`` into ``target``; returns their names."""
-    copied = [n for n in TOKENIZER_FILES if (source / n).is_file()]
-    for name in copied:
-        shutil.copyfile(source / name, target / name)
-    return copied
+def tokenizer_files(directory: Path) -> list[str]:
+    """The names of the tokenizer files present in ``directory``."""
+    return [n for n in TOKENIZER_FILES if (directory / n).is_file()]

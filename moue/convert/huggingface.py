@@ -2,8 +2,8 @@
 
 Import: a Hugging Face directory (``config.json``, safetensors, tokenizer) becomes a moue
 checkpoint directory with the standard topology (layer ``l``'s ``N`` experts are pool experts
-``l*N .. l*N+N-1``, each router scores its own block): ``step_0000000`` (weights, a fresh
-optimizer), ``config.yaml`` (``checkpoint.dir`` is the output, ``data.mock=true`` until a dataset
+``l*N .. l*N+N-1``, each router scores its own block): ``step_0000000`` (the weights alone, in
+their stored dtype), ``config.yaml`` (``checkpoint.dir`` is the output, ``data.mock=true`` until a dataset
 is given), the tokenizer files and ``source.json``. ``moue-pretrain --config OUT/config.yaml``
 continues training it under any layout; ``moue-eval --load OUT`` evaluates it.
 
@@ -11,41 +11,46 @@ Export: a moue checkpoint whose routers have no trajectory state becomes a Huggi
 directory of one family; each MoE layer gets private copies of its window's experts (for the
 standard topology, exactly its own), so the outputs are the same.
 
-Both run as one CPU process and hold the whole model in fp32 (weights, and for import also
-gradients and Adam's moments: about 16 bytes per parameter). Outputs appear under their final
-name only once complete.
+Both run as one CPU process and hold the model once, in the dtype of the weights they read
+(``--dtype`` converts), with no optimizer: import copies the tensors into it one at a time and
+writes a model-only checkpoint, export writes the Hugging Face shards one at a time from views
+of it (docs/conversion.md has the memory measured). Outputs appear under their final name only
+once complete.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+import torch
 
 from moue.config import load_config
 from moue.convert.families import export_family, family_of, hf_config, moue_sections, to_hf, to_moue
 from moue.convert.hf_format import (
     CONFIG,
     Tensors,
-    copy_tokenizer,
     read_config,
     tokenizer_file,
+    tokenizer_files,
     write_tensors,
 )
 from moue.convert.importing import check_overrides, check_tokenizer, new_output, write_imported
-from moue.elastic.export import SINGLE
-from moue.run_check import check_run
-from moue.training import checkpoint
-from moue.training.evaluate import loaded_trainer
-from parallel import launch
+from moue.model import checkpoint
+from moue.model.chunk import DTYPES, ONE_CPU_PROCESS, build_chunk, one_process, precision
+from moue.run_check import check_run, plan_run
 from parallel.errors import UserError
 
 DEFAULT_SEQ_LENGTH = 4096  # of the written config, at most max_position_embeddings
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
 
-def import_hf(hf_dir: str, output: str, overrides: list[str],
-              tokenizer: str | None = None) -> Path:
+def import_hf(hf_dir: str, output: str, overrides: list[str], tokenizer: str | None = None,
+              dtype: str | None = None) -> Path:
     """Convert the Hugging Face directory ``hf_dir`` into the moue checkpoint ``output``, with
-    ``tokenizer`` (a tokenizer.json or .model, or 'byte') instead of the directory's own."""
+    ``tokenizer`` (a tokenizer.json or .model, or 'byte') instead of the directory's own, its
+    weights in ``dtype`` (``bf16`` or ``fp32``; None: the directory's own, fp16 as fp32)."""
     source = Path(hf_dir)
     out, tmp = new_output(output, "--output")
     check_overrides(overrides, "config.json")
@@ -62,10 +67,12 @@ def import_hf(hf_dir: str, output: str, overrides: list[str],
                         "directory (moue tokenizes training data with it)")
     check_tokenizer(str(tok), tree["model"]["vocab_size"], where)
     tensors = Tensors(source)
+    stored = tensors.get("model.embed_tokens.weight").dtype
     return write_imported(
         out, tmp, tree, str(tok), overrides,
-        lambda cfg, module: to_moue(tensors, cfg, family, module.state_dict()),
-        {"huggingface": str(source.resolve()), "family": family.model_type, "config": hf})
+        lambda cfg, module: to_moue(tensors, cfg, family, module),
+        {"huggingface": str(source.resolve()), "family": family.model_type, "config": hf},
+        dtype=DTYPES[dtype] if dtype else stored)
 
 
 def _with_source_fields(path: Path, hf: dict) -> dict:
@@ -80,23 +87,30 @@ def _with_source_fields(path: Path, hf: dict) -> dict:
         return hf
     kept = {k: v for k, v in original["config"].items()
             if k not in hf and k not in ("num_experts", "num_local_experts", "rope_scaling",
-                                         "transformers_version")}
+                                         "transformers_version", "torch_dtype")}
     return {**kept, **hf}
 
 
-def export_hf(load: str, output: str, family_name: str | None) -> tuple[Path, str]:
-    """Write checkpoint ``load`` as a Hugging Face directory ``output``; returns it and the
-    family written."""
+def export_hf(load: str, output: str, family_name: str | None,
+              dtype: str | None = None) -> tuple[Path, str]:
+    """Write checkpoint ``load`` as a Hugging Face directory ``output`` with weights in
+    ``dtype`` (``bf16`` or ``fp32``; None: the dtype the checkpoint's weights are stored in);
+    returns it and the family written."""
     out, tmp = new_output(output, "--hf-output")
     path = checkpoint.resolve(load)
-    saved = checkpoint.saved_config(path)["config"]
-    cfg = load_config(None, [*SINGLE, "checkpoint.dir=null"], base=saved)
+    meta = checkpoint.saved_config(path)
+    stored = checkpoint.stored_dtype(path)
+    cfg = load_config(None, [*ONE_CPU_PROCESS, f"train.precision={precision(stored)}",
+                             "checkpoint.dir=null"], base=meta["config"])
     family = export_family(cfg, family_name)
-    with loaded_trainer(path, cfg, check_run(cfg, 1), launch.read_launch_env(),
-                        device="cpu") as trainer:
-        module = trainer.model.module
-        if cfg.moe.widen_block and trainer.state.step < cfg.moe.widen_steps:
-            raise UserError(f"--load {load}: step {trainer.state.step} of a widening ramp of "
+    layout = check_run(cfg, 1)
+    step = meta.get("state", {}).get("step", 0)
+    with one_process(layout, cfg.train.seed) as pg:
+        module = build_chunk(cfg, layout, plan_run(cfg), torch.device("cpu"), pg,
+                             initialise=False)
+        checkpoint.load_model(path, module, cfg, pg)
+        if cfg.moe.widen_block and step < cfg.moe.widen_steps:
+            raise UserError(f"--load {load}: step {step} of a widening ramp of "
                             f"{cfg.moe.widen_steps} steps: the new experts are only partly open, "
                             "which no Hugging Face router expresses; export once the ramp is over")
         bias = module.decoder.pool_balance.selection_bias()
@@ -104,13 +118,14 @@ def export_hf(load: str, output: str, family_name: str | None) -> tuple[Path, st
             raise UserError(f"--load {load}: the aux_free balance's selection bias is non-zero "
                             f"(up to {float(bias.abs().max()):.3g}); Hugging Face's routers have "
                             "no such bias, so the exported model would route differently")
-        tensors = to_hf(module.state_dict(), cfg, family)
-    tmp.mkdir(parents=True)
-    write_tensors(tmp, tensors)
-    (tmp / CONFIG).write_text(json.dumps(_with_source_fields(path, hf_config(cfg, family)),
-                                         indent=2) + "\n")
+        written = DTYPES[dtype] if dtype else stored
+        tmp.mkdir(parents=True)
+        write_tensors(tmp, to_hf(module.state_dict(), cfg, family), written)
+    hf = {**hf_config(cfg, family), "dtype": DTYPE_NAMES[written]}
+    (tmp / CONFIG).write_text(json.dumps(_with_source_fields(path, hf), indent=2) + "\n")
     tok = Path(cfg.data.tokenizer)
     if tok.is_file():
-        copy_tokenizer(tok.parent, tmp)
+        for name in tokenizer_files(tok.parent):
+            shutil.copyfile(tok.parent / name, tmp / name)
     tmp.rename(out)
     return out, family.model_type

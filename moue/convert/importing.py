@@ -1,7 +1,8 @@
 """What every import writes: a moue checkpoint directory of the standard topology, staged under
 a hidden name and renamed only once complete.
 
-The directory holds ``step_0000000`` (the weights, a fresh optimizer), ``latest``,
+The directory holds ``step_0000000`` (the weights: a model-only checkpoint, which starts a run
+with a fresh optimizer), ``latest``,
 ``config.yaml`` (``checkpoint.dir`` is the directory itself, ``data.mock=true`` until a dataset
 is given, ``data.tokenizer`` the copied tokenizer), the tokenizer files and ``source.json``
 (where the weights came from). Importers differ only in how they read the source's
@@ -11,21 +12,18 @@ architecture (the ``model`` and ``moe`` sections) and its weights (``fill``).
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
 
 from data_tools.tokenizer import load_tokenizer
 from moue import outputs
 from moue.config import IMPLEMENTATION_KNOBS, TRAINING_KNOBS, RunConfig, load_config
-from moue.convert.hf_format import copy_tokenizer
-from moue.elastic.export import SINGLE
-from moue.run_check import check_run
-from moue.training import checkpoint
-from moue.training.evaluate import loaded_trainer
+from moue.convert.hf_format import tokenizer_files
+from moue.model.checkpoint import publish_new
+from moue.model.chunk import ONE_CPU_PROCESS, build_chunk, one_process, precision
+from moue.run_check import check_run, plan_run
 from parallel import launch
 from parallel.errors import UserError
 
@@ -59,12 +57,14 @@ def check_tokenizer(tokenizer: str, vocab_size: int, where: str) -> None:
 
 
 def write_imported(out: Path, tmp: Path, tree: dict, tokenizer: str, overrides: list[str],
-                   fill: Callable[[RunConfig, torch.nn.Module], dict], source: dict) -> Path:
+                   fill: Callable[[RunConfig, torch.nn.Module], None], source: dict,
+                   dtype: torch.dtype = torch.float32) -> Path:
     """Write the checkpoint of ``tree`` (the ``model`` and ``moe`` sections) to ``out``.
 
     ``tokenizer`` is ``byte`` or a tokenizer file, copied with its known siblings;
-    ``fill(cfg, module)`` returns the weights as moue's one-process state_dict for ``module``
-    (the built model, freshly initialised); ``source`` is written as ``source.json``.
+    ``fill(cfg, module)`` puts every weight into ``module`` (moue's model on one process, built
+    in ``dtype`` and not initialised); ``source`` is written as ``source.json``. The weights are
+    written as a model-only checkpoint in ``dtype``.
     """
     final = out.resolve()
     tok = None if tokenizer == "byte" else Path(tokenizer)
@@ -72,20 +72,18 @@ def write_imported(out: Path, tmp: Path, tree: dict, tokenizer: str, overrides: 
         **tree, "data": {"mock": True, "tokenizer": str(final / tok.name) if tok else "byte"},
         "checkpoint": {"dir": str(final)}})
     check_run(target)
-    single = load_config(None, [*SINGLE, f"checkpoint.dir={tmp}", f"data.tokenizer={tokenizer}"],
-                         base=tree)
-    with loaded_trainer(None, single, check_run(single, 1), launch.read_launch_env(),
-                        device="cpu") as trainer:
-        module = trainer.model.module
-        module.load_state_dict({**module.state_dict(), **fill(single, module)})
-        checkpoint.init_optimizer_state(trainer.optimizer)
-        tmp.mkdir(parents=True)
-        trainer.save()
-    (tmp / "config.yaml").write_text(yaml.safe_dump(target.to_dict(), sort_keys=False,
-                                                     default_flow_style=None))
+    single = load_config(None, [*ONE_CPU_PROCESS, f"train.precision={precision(dtype)}",
+                                "checkpoint.dir=null", f"data.tokenizer={tokenizer}"], base=tree)
+    layout = check_run(single, 1)
+    files: dict[str, str | Path] = {
+        "source.json": json.dumps(source, indent=2, default=str) + "\n"}
     if tok is not None:
-        if tok.name not in copy_tokenizer(tok.parent, tmp):
-            shutil.copyfile(tok, tmp / tok.name)
-    (tmp / "source.json").write_text(json.dumps(source, indent=2, default=str) + "\n")
-    tmp.rename(out)
+        files.update({name: tok.parent / name for name in tokenizer_files(tok.parent)})
+        files.setdefault(tok.name, tok)
+    with one_process(layout, single.train.seed) as pg:
+        module = build_chunk(single, layout, plan_run(single), torch.device("cpu"), pg,
+                             initialise=False)
+        with torch.no_grad():
+            fill(single, module)
+        publish_new(out, tmp, module, target, target, pg, files)
     return out

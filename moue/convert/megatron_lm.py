@@ -42,6 +42,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from moue.config import RunConfig
 from moue.convert.importing import check_overrides, check_tokenizer, new_output, write_imported
+from moue.model.checkpoint import EMBEDDING_KEY
+from moue.model.chunk import DTYPES
 from moue.model.megatron_config import transformer_config
 from moue.run_check import check_run, plan_run
 from parallel.errors import UserError
@@ -331,8 +333,10 @@ def to_moue(megatron_state: dict, cfg: RunConfig, module: torch.nn.Module, where
     return state
 
 
-def import_megatron(path: str, output: str, overrides: list[str], tokenizer: str | None) -> Path:
-    """Convert Megatron-LM's checkpoint ``path`` into the moue checkpoint ``output``."""
+def import_megatron(path: str, output: str, overrides: list[str], tokenizer: str | None,
+                    dtype: str | None = None) -> Path:
+    """Convert Megatron-LM's checkpoint ``path`` into the moue checkpoint ``output``, its weights
+    in ``dtype`` (``bf16`` or ``fp32``; None: the checkpoint's own)."""
     out, tmp = new_output(output, "--output")
     check_overrides(overrides, "the checkpoint's arguments")
     ckpt = iteration_dir(path)
@@ -342,7 +346,7 @@ def import_megatron(path: str, output: str, overrides: list[str], tokenizer: str
     tokenizer = tokenizer or _run_tokenizer(args, ckpt)
     check_tokenizer(tokenizer, tree["model"]["vocab_size"], where)
 
-    def fill(cfg: RunConfig, module: torch.nn.Module) -> dict:
+    def fill(cfg: RunConfig, module: torch.nn.Module) -> None:
         model = megatron_model(cfg, cfg.topology().window)
         try:
             with ENUMS_BY_NAME:  # the common state is read again
@@ -356,12 +360,21 @@ def import_megatron(path: str, output: str, overrides: list[str], tokenizer: str
                     if not k.endswith("_extra_state")]  # _wanted leaves those out
         if unloaded:
             raise RuntimeError(f"Megatron's sharded state dict did not give {unloaded[:3]}")
-        return to_moue(model.state_dict(), cfg, module, str(ckpt))
+        module.load_state_dict({**module.state_dict(),
+                                **to_moue(model.state_dict(), cfg, module, str(ckpt))})
 
+    try:
+        weights = dist_checkpointing.load_tensors_metadata(str(ckpt)).get(EMBEDDING_KEY)
+    except (Exception, CheckpointException) as err:
+        raise UserError(f"--megatron {ckpt}: cannot read its shards' metadata "
+                        f"({type(err).__name__}: {_cause(err)}); it is damaged or incomplete: "
+                        "copy it again") from None
     return write_imported(out, tmp, tree, tokenizer, overrides, fill,
                           {"megatron": str(ckpt.resolve()), "iteration": ckpt.name,
                            "args": {k: v for k, v in vars(args).items()
-                                    if isinstance(v, str | int | float | bool | None)}})
+                                    if isinstance(v, str | int | float | bool | None)}},
+                          dtype=DTYPES[dtype] if dtype else
+                          weights.dtype if weights is not None else torch.float32)
 
 
 def _run_tokenizer(args: Namespace, ckpt: Path) -> str:

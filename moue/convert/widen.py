@@ -7,7 +7,8 @@ gets one row per pool expert of its window, in the window's order: its own exper
 rows, and an expert ``e`` owned by layer ``l' = e // N`` gets row ``e - l'*N`` of that layer's
 router. A trajectory state (``moe.router_state_dim=D``) may be switched on: U starts at its usual
 initialisation, its term is opened over the same ramp. The balance state starts afresh.
-Written like ``import``: ``step_0000000``, ``config.yaml``, atomically.
+Written like ``import``: ``step_0000000`` (model-only, in the checkpoint's dtype), ``config.yaml``
+(the run's own layout, implementation and precision, widened), atomically.
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ import re
 from pathlib import Path
 
 import torch
-import yaml
 
 from moue.config import RunConfig, load_config
 from moue.convert.importing import new_output
-from moue.elastic.export import SINGLE
-from moue.run_check import check_run
-from moue.training import checkpoint
-from moue.training.evaluate import loaded_trainer
-from parallel import launch
+from moue.model import checkpoint
+from moue.model.checkpoint import publish_new
+from moue.model.chunk import ONE_CPU_PROCESS, build_chunk, one_process, precision
+from moue.run_check import check_run, plan_run
 from parallel.errors import UserError
 
 ROUTER_KEY = re.compile(r"decoder\.layers\.(\d+)\.mlp\.router\.weight")
@@ -72,24 +71,23 @@ def widen(load: str, output: str, window: int, steps: int, overrides: list[str])
         raise UserError(f"--steps {steps}: give the ramp's length in steps, >= 1")
     path = checkpoint.resolve(load)
     saved = checkpoint.saved_config(path)["config"]
-    source = load_config(None, [*SINGLE, "checkpoint.dir=null"], base=saved)
-    tree = widened_tree(source, window, steps)
+    dtype = f"train.precision={precision(checkpoint.stored_dtype(path))}"
+    tree = widened_tree(load_config(None, ["checkpoint.dir=null"], base=saved), window, steps)
     target = load_config(None, [*overrides, f"checkpoint.dir={out.resolve()}"], base=tree)
     check_run(target)
-    single = load_config(None, [*SINGLE, f"checkpoint.dir={tmp}",
+    source = load_config(None, [*ONE_CPU_PROCESS, dtype, "checkpoint.dir=null"], base=saved)
+    single = load_config(None, [*ONE_CPU_PROCESS, dtype, "checkpoint.dir=null",
                                 f"moe.router_state_dim={target.moe.router_state_dim}"], base=tree)
-    env = launch.read_launch_env()
-    with loaded_trainer(path, source, check_run(source, 1), env, device="cpu") as trainer:
-        state = trainer.model.module.state_dict()
-    with loaded_trainer(None, single, check_run(single, 1), env, device="cpu") as trainer:
-        module = trainer.model.module
+    layout, cpu = check_run(source, 1), torch.device("cpu")
+    with one_process(layout, source.train.seed) as pg:
+        old = build_chunk(source, layout, plan_run(source), cpu, pg, initialise=False)
+        checkpoint.load_model(path, old, source, pg)
+        state = old.state_dict()
+        # initialised: U and the balance state start afresh (module docstring)
+        module = build_chunk(single, layout, plan_run(single), cpu, pg)
         fresh = module.state_dict()
         kept = {k: v for k, v in state.items() if not k.startswith(FRESH) and k in fresh}
         module.load_state_dict({**fresh, **kept, **widened_routers(state, source, single)})
-        checkpoint.init_optimizer_state(trainer.optimizer)
-        tmp.mkdir(parents=True)
-        trainer.save()
-    (tmp / "config.yaml").write_text(yaml.safe_dump(target.to_dict(), sort_keys=False,
-                                                     default_flow_style=None))
-    tmp.rename(out)
+        del old, state, kept
+        publish_new(out, tmp, module, target, target, pg)
     return out

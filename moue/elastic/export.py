@@ -1,6 +1,7 @@
 """``moue-export``: a standalone checkpoint of one elastic sub-model.
 
-What is written (a normal ``checkpoint.dir``, at step 0, with a fresh optimizer):
+What is written (a ``checkpoint.dir`` whose ``step_0000000`` is a model-only checkpoint in the
+source's dtype, which a run continues from with a fresh optimizer):
 - the kept layers, renumbered ``0..d-1`` in their order (attention, norms, shared experts, the
   router with only the rows of its kept experts);
 - the kept pool experts, re-indexed ``0..m-1`` in ascending pool order, and their rows of U
@@ -15,8 +16,9 @@ What is written (a normal ``checkpoint.dir``, at step 0, with a fresh optimizer)
   the layout, the schedule of continued training) and ``submodel.json`` (where it came from).
 
 ``moue-pretrain --config OUT/config.yaml`` continues training it under any layout (step 0, the
-configured schedule); ``moue-eval --load OUT`` evaluates it. It runs as one process on the CPU:
-the full model is loaded whole, whatever layout it was saved under. The output appears under its
+configured schedule); ``moue-eval --load OUT`` evaluates it. It runs as one process on the CPU,
+with no optimizer: the full model is loaded whole (whatever layout it was saved under) beside
+the sub-model. The output appears under its
 final name only once complete.
 """
 
@@ -27,23 +29,18 @@ import re
 from pathlib import Path
 
 import torch
-import yaml
 
 from moue.config import RunConfig, load_config
 from moue.elastic.apply import effective_mask
 from moue.elastic.submodel import SubModel, parse
+from moue.model import checkpoint
+from moue.model.checkpoint import publish_new
+from moue.model.chunk import ONE_CPU_PROCESS, build_chunk, one_process, precision
 from moue.outputs import new_output
-from moue.run_check import check_run
-from moue.training import checkpoint
+from moue.run_check import check_run, plan_run
 from parallel import launch
 from parallel.errors import UserError
 
-# The export runs as one CPU process with the sequential pool (its state_dict keys are the ones
-# submodel_state renames); the written config keeps the run's own implementation and precision.
-SINGLE = ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.etp=null",
-          "data.mock=true", "data.path=null", "data.blend=null", "train.eval_interval=0",
-          "model.transformer_impl=local", "moe.expert_impl=sequential", "train.precision=fp32",
-          "train.recompute=none", "train.recompute_modules=null"]
 LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
 EXPERT_KEY = re.compile(r"decoder\.expert_pool\.local_experts\.(\d+)\.(.*)")
 
@@ -116,21 +113,19 @@ def submodel_state(state: dict, cfg: RunConfig, sub: SubModel, fresh: dict) -> d
 
 def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
     """Write the sub-model ``text`` of checkpoint ``load`` to ``output``; returns its path."""
-    from moue.training.trainer import Trainer
-
     for item in overrides:
         if item.split(".", 1)[0] in ("model", "moe"):
             raise UserError(f"override {item!r}: the model and moe sections of the export come "
                             "from the checkpoint and --submodel; override the layout, train, "
                             "data, logging or elastic sections only")
     out, tmp = new_output(output, "--output")
-    env = launch.read_launch_env()
-    if env.world_size != 1:
+    if launch.read_launch_env().world_size != 1:
         raise UserError("moue-export runs as one process (it loads the whole model); run it "
                         "without torchrun")
     path = checkpoint.resolve(load)
     saved = checkpoint.saved_config(path)["config"]
-    cfg = load_config(None, [*SINGLE, "checkpoint.dir=null"], base=saved)
+    dtype = f"train.precision={precision(checkpoint.stored_dtype(path))}"
+    cfg = load_config(None, [*ONE_CPU_PROCESS, dtype, "checkpoint.dir=null"], base=saved)
     choices = cfg.elastic_choices()
     if choices is None:
         raise UserError("this checkpoint is of the dense model (model.moe_layer_freq=0): it has "
@@ -146,33 +141,17 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
         check_run(target)
     except UserError as err:
         raise UserError(f"the exported sub-model ({sub.label}): {err}") from None
-    single = load_config(None, [*SINGLE, f"checkpoint.dir={tmp}"], base=tree)
-    layout = check_run(single, 1)
-    launch.init_distributed(layout, device="cpu", env=env)
-    built = []
-    try:
-        launch.seed_everything(cfg.train.seed)
-        device = torch.device("cpu")
-        source = Trainer(cfg, layout, device)
-        built.append(source)
-        checkpoint.load_checkpoint(path, model=source.model.module, optimizer=None,
-                                   run_config=cfg, pg_collection=source.pg)
-        result = Trainer(single, layout, device)
-        built.append(result)
-        module = result.model.module
-        module.load_state_dict(submodel_state(source.model.module.state_dict(), cfg, sub,
-                                              module.state_dict()))
-        checkpoint.init_optimizer_state(result.optimizer)
-        tmp.mkdir(parents=True)
-        result.save()
-    finally:
-        for trainer in built:
-            trainer.close()
-        launch.shutdown()
-    (tmp / "config.yaml").write_text(yaml.safe_dump(target.to_dict(), sort_keys=False,
-                                                     default_flow_style=None))
-    (tmp / "submodel.json").write_text(json.dumps(
-        {"source": str(path), "submodel": text, "exported": sub.label, "layers": list(sub.layers),
-         "experts": list(sub.experts), "topk": sub.topk}, indent=2) + "\n")
-    tmp.rename(out)
+    single = load_config(None, [*ONE_CPU_PROCESS, dtype, "checkpoint.dir=null"], base=tree)
+    layout, cpu = check_run(single, 1), torch.device("cpu")
+    with one_process(layout, cfg.train.seed) as pg:
+        full = build_chunk(cfg, layout, plan_run(cfg), cpu, pg, initialise=False)
+        checkpoint.load_model(path, full, cfg, pg)
+        # not initialised: every weight comes from the full model (load_state_dict is strict)
+        module = build_chunk(single, layout, plan_run(single), cpu, pg, initialise=False)
+        module.load_state_dict(submodel_state(full.state_dict(), cfg, sub, module.state_dict()))
+        del full
+        publish_new(out, tmp, module, target, target, pg, {"submodel.json": json.dumps(
+            {"source": str(path), "submodel": text, "exported": sub.label,
+             "layers": list(sub.layers), "experts": list(sub.experts), "topk": sub.topk},
+            indent=2) + "\n"})
     return out

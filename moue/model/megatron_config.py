@@ -90,8 +90,11 @@ def _fusion_fields(plan: Plan, swiglu: bool) -> dict:
 
 
 def transformer_config(model: ModelConfig, moe: MoEConfig, layout: ParallelLayout, plan: Plan, *,
-                       device: torch.device, train: TrainConfig) -> TransformerConfig:
-    """Megatron's config for ``plan`` (``parallel.capability.plan``) on ``device``."""
+                       device: torch.device, train: TrainConfig,
+                       initialise: bool = True) -> TransformerConfig:
+    """Megatron's config for ``plan`` (``parallel.capability.plan``) on ``device``;
+    ``initialise=False``: Megatron leaves the weights uninitialised (their values come from a
+    checkpoint or a conversion)."""
     on_gpu = device.type == "cuda"
     swiglu = model.activation == "swiglu"
     config = TransformerConfig(
@@ -108,7 +111,7 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, layout: ParallelLayou
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         **_fusion_fields(plan, swiglu), **_precision_fields(plan),
         **_recompute_fields(train),
-        use_cpu_initialization=not on_gpu,
+        use_cpu_initialization=not on_gpu, perform_initialization=initialise,
     )
     config.has_cond_embedder = layout.pp > 1  # sum pool/U gradients over pipeline stages
     if not model.dense and top1_post_softmax(moe):

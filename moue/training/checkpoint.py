@@ -1,11 +1,10 @@
-"""Checkpoints: Megatron-Core ``dist_checkpointing``, written aside and published atomically.
+"""Training checkpoints: the model, the optimizer and the trainer's state, written aside and
+published atomically, in the format of ``moue.model.checkpoint``; and the run lock.
 
-Layout of ``checkpoint.dir``::
-
-    step_0000100/      model + optimizer (torch_dist), trainer.pt (scheduler, step, samples,
-                       config), rng_rank<r>.pt
-    latest             the name of the checkpoint to resume from
-    .lock              held by a live run (see ``run_lock``)
+A training checkpoint's ``step_N`` holds the model and the optimizer (torch_dist), ``trainer.pt``
+(scheduler, step, samples, config) and ``rng_rank<r>.pt``; ``checkpoint.dir/.lock`` is held by a
+live run (see ``run_lock``). A model-only checkpoint (an import, an export) starts a run at step
+0 with a fresh optimizer.
 
 A checkpoint is written into ``.tmp_step_...`` and renamed when every rank has finished; only
 then is ``latest`` replaced (write-aside, then ``os.replace``). A process killed mid-save leaves
@@ -25,7 +24,7 @@ Decisions:
   balance, dispatcher and learning-rate settings may change on resume.
 
 - Saves are synchronous, and the writer's results come back through an in-process queue
-  (``_synchronous_write_results``), not a spawned multiprocessing server.
+  (``moue.model.checkpoint.write_results_in_process``), not a spawned multiprocessing server.
 
 Process groups are passed in (Megatron's ``ProcessGroupCollection``); the barriers span the world
 (every rank saves).
@@ -37,8 +36,6 @@ import contextlib
 import fcntl
 import json
 import os
-import queue
-import re
 import shutil
 import socket
 import sys
@@ -49,6 +46,19 @@ import torch
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
+from moue.model.checkpoint import (
+    META,
+    barrier,
+    check_architecture,
+    load_model,
+    named_by_latest,
+    saved_config,
+    sharded_state,
+    step_checkpoints,
+    step_of,
+    unloadable,
+    write_results_in_process,
+)
 from parallel.compat import load_distributed_optimizer_state
 from parallel.errors import UserError
 
@@ -56,55 +66,13 @@ from parallel.errors import UserError
 # no "chained_<i>." prefix, so it loads whether the optimizer is split into dense and expert
 # parts (ep>1) or not (ep=1).
 SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
-# Parameters and buffers every pipeline stage holds a replica of (the pool itself, ExpertPool,
-# marks its own): the stage index goes into replica_id[0], as Megatron does for tied embeddings.
-PIPELINE_REPLICAS = ("decoder.expert_embedding.", "decoder.pool_balance.")
-STEP_DIR = re.compile(r"step_(\d+)")
-
-
-def _model_state(model, pg_collection) -> dict:
-    state = model.sharded_state_dict()
-    pp_rank = pg_collection.pp.rank()
-    for key, sh in state.items():
-        if key.startswith(PIPELINE_REPLICAS) and hasattr(sh, "replica_id"):
-            replica = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
-            sh.replica_id = (pp_rank, *replica[1:])
-    return state
-
-
-def _barrier():
-    torch.distributed.barrier()
-
-
-def _step_of(path: Path) -> int | None:
-    match = STEP_DIR.fullmatch(path.name)
-    return int(match.group(1)) if match else None
-
-
-def step_checkpoints(root: Path) -> list[Path]:
-    """The ``step_N`` directories of ``root``, oldest first (by N)."""
-    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
-    return sorted(found, key=_step_of)
-
-
-def _synchronous_write_results() -> None:
-    """Megatron's torch_dist writer (``FileSystemWriterAsync``) forks its file writers, then
-    hands their results to the finalising step through a queue served by a *spawned*
-    multiprocessing Manager (``_results_queue``), built for saves that finish in a background
-    process. moue saves synchronously, so write and finalise run in the same process and a
-    plain queue does: the Manager cost each process 3.5 s at its first save (it starts a new
-    interpreter that imports the main module again; measured on 2 CPU cores, later saves 0.4 s)
-    and stayed alive as a child process until the run ended."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    filesystem_async._results_queue = queue.Queue()
 
 
 def save_checkpoint(root: str | Path, *, step: int, model, optimizer, extra_state: dict,
                     run_config, pg_collection, keep_last: int) -> Path:
     """Save ``model`` (this rank's unwrapped chunk), ``optimizer`` and ``extra_state`` (the
     trainer's scheduler and counters) as ``root/step_<step>``, then point ``latest`` at it."""
-    _synchronous_write_results()
+    write_results_in_process()
     root = Path(root)
     name = f"step_{step:07d}"
     tmp, final = root / f".tmp_{name}", root / name
@@ -112,16 +80,16 @@ def save_checkpoint(root: str | Path, *, step: int, model, optimizer, extra_stat
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
-    model_state = _model_state(model, pg_collection)
+    barrier()
+    model_state = sharded_state(model, pg_collection)
     dist_checkpointing.save({
         "model": model_state,
         "optimizer": optimizer.sharded_state_dict(model_state, metadata=SHARDING),
     }, str(tmp))
     torch.save({"cpu": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        torch.save({**extra_state, "config": run_config.to_dict()}, tmp / "trainer.pt")
-    _barrier()
+        torch.save({**extra_state, "config": run_config.to_dict()}, tmp / META)
+    barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -129,14 +97,14 @@ def save_checkpoint(root: str | Path, *, step: int, model, optimizer, extra_stat
         marker.write_text(name + "\n")
         os.replace(marker, root / "latest")  # only now does the new checkpoint count
         prune(root, step, keep_last)
-    _barrier()
+    barrier()
     return final
 
 
 def prune(root: Path, saved_step: int, keep_last: int) -> list[Path]:
     """Delete all but the ``keep_last`` newest checkpoints up to ``saved_step`` (the one just
     saved, which ``latest`` names and which is never deleted); returns what was deleted."""
-    older = [p for p in step_checkpoints(root) if _step_of(p) < saved_step]
+    older = [p for p in step_checkpoints(root) if step_of(p) < saved_step]
     doomed = older[:max(0, len(older) - (keep_last - 1))]
     for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
@@ -148,7 +116,7 @@ def set_aside_newer(root: Path, latest: Path) -> list[Path]:
     their new paths."""
     moved = []
     for newer in step_checkpoints(root):
-        if _step_of(newer) > _step_of(latest):
+        if step_of(newer) > step_of(latest):
             target, n = newer.with_name(newer.name + ".abandoned"), 1
             while target.exists():  # an earlier one of the same step stays too
                 n += 1
@@ -160,23 +128,6 @@ def set_aside_newer(root: Path, latest: Path) -> list[Path]:
     return moved
 
 
-def named_by_latest(root: str | Path) -> Path | None:
-    """The complete checkpoint ``root/latest`` names (None when there is no ``latest``), read
-    without changing anything."""
-    root = Path(root)
-    marker = root / "latest"
-    if not marker.exists():
-        return None
-    name = marker.read_text().strip()
-    path = root / name
-    if _step_of(path) is None or not (path / "trainer.pt").exists():
-        complete = [p.name for p in step_checkpoints(root) if (p / "trainer.pt").exists()]
-        raise UserError(f"{marker} names {name!r}, which is not a complete checkpoint; write the "
-                        f"name of a complete one into it ({', '.join(complete) or 'none here'}) "
-                        "or remove it to start afresh")
-    return path
-
-
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The checkpoint ``root/latest`` names (None when there is none yet). Checkpoints newer
     than it are renamed ``*.abandoned`` (see the module docstring). Rank 0 renames; call it on
@@ -186,77 +137,30 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         return None
     if torch.distributed.get_rank() == 0:
         set_aside_newer(Path(root), path)
-    _barrier()
+    barrier()
     return path
 
 
-def _check_config(saved: dict, run_config, path: Path) -> None:
-    current = run_config.architecture()
-    # A field added after the checkpoint was written has its default there.
-    defaults = type(run_config)().architecture()
-
-    def was(section, key):
-        return saved.get(section, {}).get(key, defaults[section][key])
-
-    diffs = [f"{section}.{key}: checkpoint {was(section, key)!r}, now {value!r}"
-             for section, values in current.items() for key, value in values.items()
-             if was(section, key) != value]
-    if diffs:
-        raise UserError(f"checkpoint {path} is of another model:\n  " + "\n  ".join(diffs)
-                        + "\nuse the same model/moe settings, or a new checkpoint.dir")
-
-
-def _unloadable(path: Path, what: str, err: Exception, every_rank: bool = True) -> UserError:
-    previous = [p.name for p in step_checkpoints(path.parent) if p != path][-2:]
-    hint = (f"point {path.parent / 'latest'} at an earlier one ({', '.join(previous)})"
-            if previous else f"remove {path.parent / 'latest'} to start afresh")
-    return UserError(f"checkpoint {path}: cannot load {what} ({type(err).__name__}: "
-                     f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}); it is "
-                     f"damaged or incomplete: {hint}", every_rank=every_rank)
-
-
-def saved_config(path: Path) -> dict:
-    """The run config a checkpoint was saved with (``RunConfig.to_dict``), with its trainer
-    state; ``UserError`` when ``trainer.pt`` cannot be read."""
-    try:
-        meta = torch.load(path / "trainer.pt", weights_only=False)
-        meta["config"]
-    except Exception as err:  # truncated, garbage or another program's file
-        raise _unloadable(path, "trainer.pt", err) from err
-    return meta
-
-
-def resolve(load: str | Path) -> Path:
-    """The checkpoint a ``--load`` path names: a ``checkpoint.dir`` (its ``latest``) or one
-    ``step_N`` directory."""
-    load = Path(load)
-    if (load / "trainer.pt").exists():
-        return load
-    if (load / "latest").exists():
-        return named_by_latest(load)
-    raise UserError(f"--load {load}: not a checkpoint; give a checkpoint.dir (with a 'latest' "
-                    "file) or one of its step_N directories")
-
-
-def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection) -> dict:
-    """Restore ``model`` and ``optimizer`` (None: the model alone) from ``path`` (saved under any
-    layout) and this rank's RNG; returns the trainer's extra state (``save_checkpoint``'s
-    ``extra_state``)."""
+def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection) -> dict | None:
+    """Restore ``model`` and ``optimizer`` from ``path`` (saved under any layout) and this rank's
+    RNG; returns the trainer's extra state (``save_checkpoint``'s ``extra_state``), or None for
+    a model-only checkpoint, whose weights start a fresh optimizer (its step 0)."""
     meta = saved_config(path)
-    _check_config(meta["config"], run_config, path)
-    model_state = _model_state(model, pg_collection)
-    wanted = {"model": model_state}
-    if optimizer is not None:
-        init_optimizer_state(optimizer)
-        wanted["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True,
-                                                           metadata=SHARDING)
+    if meta.get("model_only"):
+        load_model(path, model, run_config, pg_collection)
+        optimizer.reload_model_params()  # the fp32 main copies of bf16 weights
+        return None
+    check_architecture(meta["config"], run_config, path)
+    model_state = sharded_state(model, pg_collection)
+    init_optimizer_state(optimizer)
+    wanted = {"model": model_state,
+              "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True,
+                                                        metadata=SHARDING)}
     try:
         loaded = dist_checkpointing.load(wanted, str(path))
     except (Exception, CheckpointException) as err:  # torch's is a BaseException
-        raise _unloadable(path, "the model and optimizer shards", err, every_rank=False) from err
+        raise unloadable(path, "the model and optimizer shards", err, every_rank=False) from err
     model.load_state_dict(loaded["model"])
-    if optimizer is None:
-        return {k: v for k, v in meta.items() if k != "config"}
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     for index, part in enumerate(parts):
         load_distributed_optimizer_state(part, _part_state(loaded["optimizer"], index, part,
@@ -268,7 +172,7 @@ def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection) 
         try:
             torch.set_rng_state(torch.load(rng)["cpu"])
         except Exception as err:
-            raise _unloadable(path, rng.name, err, every_rank=False) from err
+            raise unloadable(path, rng.name, err, every_rank=False) from err
     return {k: v for k, v in meta.items() if k != "config"}
 
 

@@ -32,9 +32,9 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 
 from moue.config import RunConfig, load_config
 from moue.elastic.submodel import SubModel, family, full, parse
+from moue.model import checkpoint
 from moue.model.size import sizes
 from moue.run_check import check_run
-from moue.training import checkpoint
 from parallel import launch
 from parallel.errors import UserError
 from parallel.reduce import is_last_stage, is_logging_rank
@@ -95,9 +95,9 @@ def loaded_trainer(path: Path | None, cfg: RunConfig, layout, env, device: str =
         launch.seed_everything(cfg.train.seed)
         trainer = Trainer(cfg, layout, launch.resolve_device(device))
         if path is not None:
-            extra = checkpoint.load_checkpoint(path, model=trainer.model.module, optimizer=None,
-                                               run_config=cfg, pg_collection=trainer.pg)
-            trainer.state.step = extra["state"]["step"]  # what depends on it: widening
+            meta = checkpoint.load_model(path, trainer.model.module, cfg, trainer.pg)
+            # what depends on the step: widening (a model-only checkpoint is at step 0)
+            trainer.state.step = meta.get("state", {}).get("step", 0)
         yield trainer
     finally:
         if trainer is not None:

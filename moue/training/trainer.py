@@ -41,8 +41,8 @@ from moue.elastic.schedule import Schedule
 from moue.elastic.submodel import SubModel
 from moue.elastic.submodel import full as full_submodel
 from moue.model.builder import balance_modules, build_model, pipeline_shapes
-from moue.model.init import init_by_global_key
-from moue.model.megatron_config import top1_post_softmax, transformer_config
+from moue.model.chunk import build_chunk
+from moue.model.megatron_config import top1_post_softmax
 from moue.model.size import flops_per_token
 from moue.model.widening import set_widening
 from moue.run_check import check_run, check_training, local_attention_warning, plan_run
@@ -108,13 +108,9 @@ class Trainer:
         self.cfg, self.layout, self.device = cfg, layout, device
         self.pg = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
         self.plan = plan_run(cfg)  # refuses what this machine cannot run, before building
-        megatron_config = transformer_config(cfg.model, cfg.moe, layout, self.plan, device=device,
-                                             train=cfg.train)
-        model = self.build_module(megatron_config)
-        init_by_global_key(model, cfg.train.seed, model.config.init_method_std,
-                           cfg.model.num_layers)
+        model = build_chunk(cfg, layout, self.plan, device, self.pg, build=self.build_module)
         self.balances = balance_modules([model])
-        self.engine = build_engine(model.to(device), model.config, cfg.train)
+        self.engine = build_engine(model, model.config, cfg.train)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         try:
             self.train_data, self.valid_data = self._datasets()
@@ -140,8 +136,7 @@ class Trainer:
 
     def build_module(self, megatron_config) -> torch.nn.Module:
         """This rank's model chunk (a Megatron module whose ``config`` the engine steps with).
-        A subclass may build another model on the same engine (the speed benchmark's
-        Megatron-Core MoE anchor does)."""
+        A subclass may build another model on the same engine."""
         cfg = self.cfg
         return build_model(cfg.model, cfg.moe, cfg.topology(), megatron_config, self.pg, self.plan)
 
@@ -222,9 +217,11 @@ class Trainer:
         """Load the checkpoint ``checkpoint.dir/latest`` names, if there is one."""
         path = checkpoint.latest_checkpoint(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else None
         if path is not None:
-            self.load_state_dict(checkpoint.load_checkpoint(
-                path, model=self.model.module, optimizer=self.optimizer, run_config=self.cfg,
-                pg_collection=self.pg))
+            state = checkpoint.load_checkpoint(path, model=self.model.module,
+                                               optimizer=self.optimizer, run_config=self.cfg,
+                                               pg_collection=self.pg)
+            if state is not None:  # None: a model-only checkpoint, trained on from step 0
+                self.load_state_dict(state)
 
     # --- data ---
 

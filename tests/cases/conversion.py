@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moue.training import checkpoint
+from moue.model import checkpoint
 from moue.training.evaluate import token_logits, tokens_config
 from moue.training.trainer import Trainer
 from parallel.launch import init_model_parallel, seed_everything
@@ -31,8 +31,7 @@ def _max_logit_diff(family: str, layout_name: str) -> float | None:
     init_model_parallel(layout)
     seed_everything(cfg.train.seed)
     with Trainer(cfg, layout, torch.device("cpu")) as trainer:
-        checkpoint.load_checkpoint(path, model=trainer.model.module, optimizer=None,
-                                   run_config=cfg, pg_collection=trainer.pg)
+        checkpoint.load_model(path, trainer.model.module, cfg, trainer.pg)
         logits = token_logits(trainer, rows)
     if logits is None:
         return None
