@@ -195,7 +195,7 @@ def export(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
     _say_cpu("moue-export")
     try:
-        from moue.elastic.export import export as run_export
+        from moue.commands.export import export as run_export
 
         out = run_export(args.load, args.submodel, args.output, args.overrides)
         print(f"moue-export: wrote {out} ({args.submodel}); continue training with "

@@ -20,7 +20,16 @@ import yaml
 from moue.elastic.config import Choices, ElasticConfig, resolve
 from moue.model.balance import BALANCES
 from moue.model.topology import TOPOLOGIES, Topology, build_topology
-from moue.sections import Section, check, one_of, positive
+from moue.sections import (
+    ARCHITECTURE,
+    MAY_CHANGE,
+    Section,
+    check,
+    one_of,
+    positive,
+    reference,
+    setting,
+)
 from parallel.capability import EXPERT_IMPLS, FP8_RECIPES, PRECISIONS, TRANSFORMER_IMPLS
 from parallel.errors import UserError
 
@@ -41,24 +50,50 @@ UNSAFE_RECOMPUTE = {
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(Section):
     section = "model"
-    num_layers: int = 4
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    num_query_groups: int | None = None  # None: as many as attention heads (no GQA)
-    head_dim: int | None = None  # None: hidden_size / num_attention_heads (Qwen3 sets its own)
-    seq_length: int = 128
-    vocab_size: int = 256
-    ffn_hidden_size: int = 256  # dense (non-MoE) layers
-    moe_layer_freq: int = 1  # every k-th layer (0, k, 2k, ...) is MoE; 0: dense, no MoE layers
-    normalization: str = "RMSNorm"
-    activation: str = "gelu"  # gelu | swiglu (gated: linear_fc1 holds gate and up, gate first)
-    transformer_impl: str = "auto"  # auto | local | transformer_engine (parallel.capability)
+    num_layers: int = setting(4, "transformer layers", resume=ARCHITECTURE)
+    hidden_size: int = setting(64, "must be a multiple of `num_attention_heads` unless "
+                               "`head_dim` is set", resume=ARCHITECTURE)
+    num_attention_heads: int = setting(4, "attention heads", resume=ARCHITECTURE)
+    num_query_groups: int | None = setting(
+        None, "grouped-query attention; null = as many as heads", resume=ARCHITECTURE)
+    head_dim: int | None = setting(
+        None, "channels per attention head (Megatron's `kv_channels`); null = `hidden_size / "
+        "num_attention_heads`. Qwen3-MoE sets its own (e.g. 128 with hidden 2048 and 32 heads)",
+        resume=ARCHITECTURE)
+    seq_length: int = setting(128, "tokens per sample. May change on resume: RoPE has no "
+                              "learned positions (`moue-eval --tokens` evaluates any length)",
+                              resume=MAY_CHANGE)
+    vocab_size: int = setting(256, "the embedding's rows; at least the tokenizer's vocabulary",
+                              resume=ARCHITECTURE)
+    ffn_hidden_size: int = setting(256, "hidden size of dense (non-MoE) layers' MLPs",
+                                   resume=ARCHITECTURE)
+    moe_layer_freq: int = setting(
+        1, "layers 0, k, 2k, ... are MoE layers; the others are dense. `0`: no MoE layer at all "
+        "- Megatron's dense GPT, the activated-parameter baseline of the benchmarks (the `moe` "
+        "section is then ignored, and `parallel.ep` must be 1)", resume=ARCHITECTURE)
+    normalization: str = setting("RMSNorm", "RMSNorm or LayerNorm", resume=ARCHITECTURE)
+    activation: str = setting(
+        "gelu", "`gelu` or `swiglu` (Megatron's gated linear unit with SiLU: `linear_fc1` holds "
+        "gate and up, gate first) for experts, shared experts and dense layers",
+        resume=ARCHITECTURE)
+    transformer_impl: str = setting(
+        "auto", "`local` (Megatron-Core's local layers), `transformer_engine` (Megatron-Core's "
+        "TE spec: fused attention, fused norms, kernel fusions), `auto` (TE where it imports and "
+        "there is a GPU). Chooses kernels, not weights ([gpu.md](gpu.md))", resume=MAY_CHANGE)
     # What released checkpoints use (docs/configuration.md, "Architecture options"):
-    rope_base: float = 10000.0  # RoPE's base (theta)
-    norm_epsilon: float = 1e-5  # every norm's epsilon
-    qk_norm: bool = False  # a norm over each head's query and key (model.normalization)
-    qkv_bias: bool = False  # biases on the query/key/value projection
-    tie_embeddings: bool = False  # the output layer reuses the input embedding
+    rope_base: float = setting(10000.0, "RoPE's base θ (Qwen3: 1000000)", resume=ARCHITECTURE)
+    norm_epsilon: float = setting(1e-5, "epsilon of every norm (Mixtral: 1e-5, Qwen: 1e-6)",
+                                  resume=ARCHITECTURE)
+    qk_norm: bool = setting(
+        False, "a norm (`normalization`) over each attention head's query and key before RoPE, "
+        "one weight vector of the head dimension shared by all heads (Qwen3; Megatron's "
+        "`qk_layernorm`)", resume=ARCHITECTURE)
+    qkv_bias: bool = setting(False, "biases on the query/key/value projection only (Qwen2); "
+                             "every other linear has none", resume=ARCHITECTURE)
+    tie_embeddings: bool = setting(
+        False, "the output layer reuses the input embedding (under pipeline parallelism Megatron "
+        "keeps the two stages' copies equal: the same losses as one process)",
+        resume=ARCHITECTURE)
 
     def _validate(self):
         positive("model", self, "num_layers", "hidden_size", "num_attention_heads",
@@ -105,30 +140,62 @@ class ModelConfig(Section):
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig(Section):
     section = "moe"
-    num_experts: int = 16  # E: the size of the pool
-    expert_ffn_hidden_size: int = 64
-    topk: int = 2
-    topology: str = "rotational"  # standard | rotational | full | explicit
-    window: int = 8  # w (rotational)
-    stride: int = 4  # s (rotational)
-    shared_experts: int = 0  # always-on experts, each of expert_ffn_hidden_size
-    shared_expert_gate: bool = False  # shared experts' output x sigmoid(x . g) (Qwen2-MoE)
-    router_state_dim: int = 64  # d_r; 0 turns the trajectory state off
-    score_function: str = "softmax"  # softmax | sigmoid
-    pre_softmax: bool = False
-    balance: str = "uelb"  # uelb | per_layer | aux_free | none
-    balance_coeff: float = 1e-2
-    aux_free_rate: float = 1e-3  # per-step bias update of the aux_free balance
-    z_loss_coeff: float = 0.0
-    dispatcher: str = "alltoall"  # alltoall | allgather
-    ep_balance_coeff: float = 0.0  # per-layer balance over EP-rank groups (moue.model.balance)
-    ep_balance_groups: int = 0  # groups (pool expert e in group e mod G); 0: parallel.ep
-    eligibility: list | None = None  # explicit topology: each MoE layer's pool ids
-    expert_impl: str = "auto"  # auto | sequential | grouped (parallel.capability)
+    num_experts: int = setting(16, "`E`, the size of the pool", resume=ARCHITECTURE)
+    expert_ffn_hidden_size: int = setting(64, "hidden size of each expert", resume=ARCHITECTURE)
+    topk: int = setting(2, "experts per token; at most the window (see the note on top-1 below)",
+                        resume=ARCHITECTURE)
+    topology: str = setting("rotational", "`standard`, `rotational`, `full`, `explicit` "
+                            "([concepts](concepts.md))", resume=ARCHITECTURE)
+    window: int = setting(8, "`w` of the rotational topology; at most `num_experts`",
+                          resume=ARCHITECTURE)
+    stride: int = setting(4, "`s` of the rotational topology", resume=ARCHITECTURE)
+    shared_experts: int = setting(0, "always-on experts, each of `expert_ffn_hidden_size`",
+                                  resume=ARCHITECTURE)
+    shared_expert_gate: bool = setting(
+        False, "the shared experts' output times `sigmoid(x·g)`, one learned vector `g` of the "
+        "hidden size per layer (Qwen2-MoE); needs `shared_experts > 0`", resume=ARCHITECTURE)
+    router_state_dim: int = setting(64, "`d_r`, the trajectory state; 0 turns it off",
+                                    resume=ARCHITECTURE)
+    score_function: str = setting("softmax", "softmax or sigmoid", resume=ARCHITECTURE)
+    pre_softmax: bool = setting(
+        False, "softmax over all window logits, then top-k, gates not renormalised (Megatron's "
+        "`moe_router_pre_softmax`; Hugging Face `norm_topk_prob: false`: Qwen2-MoE, OLMoE). "
+        "`false`: top-k logits, then softmax over them, which equals softmax then top-k "
+        "renormalised to sum 1 (`norm_topk_prob: true`; Mixtral, Qwen3-MoE)",
+        resume=ARCHITECTURE)
+    balance: str = setting("uelb", "`uelb`, `per_layer`, `aux_free`, `none`", resume=MAY_CHANGE)
+    balance_coeff: float = setting(1e-2, "coefficient of the balance loss", resume=MAY_CHANGE)
+    aux_free_rate: float = setting(1e-3, "per-step bias update of `aux_free`", resume=MAY_CHANGE)
+    z_loss_coeff: float = setting(0.0, "router z-loss", resume=MAY_CHANGE)
+    dispatcher: str = setting("alltoall", "Megatron's token dispatcher: alltoall or allgather",
+                              resume=MAY_CHANGE)
+    ep_balance_coeff: float = setting(
+        0.0, "coefficient of the per-layer balance over expert-parallel ranks "
+        "([concepts](concepts.md#balance-over-expert-parallel-ranks)); 0: off", resume=MAY_CHANGE)
+    ep_balance_groups: int = setting(
+        0, "the number of rank groups that term balances (pool expert `e` in group `e mod G`); "
+        "0: `parallel.ep`. Set it to the EP degree of the production run: the loss is then the "
+        "same under every layout", resume=MAY_CHANGE)
+    eligibility: list[list[int]] | None = setting(
+        None, "with `topology: explicit` only: one list of pool ids per MoE layer, all of the "
+        "same length (what `moue-export` writes for a sub-model)", resume=ARCHITECTURE)
+    expert_impl: str = setting(
+        "auto", "the pool: `sequential` (Megatron's `SequentialMLP`), `grouped` (Megatron's "
+        "`TEGroupedMLP`: one grouped GEMM per linear; TE's on the TE spec, torch's elsewhere), "
+        "`auto` (grouped with the TE spec). Checkpoints load into either "
+        "([gpu.md](gpu.md#the-grouped-gemm-pool))", resume=MAY_CHANGE)
     # Progressive widening (moue-convert widen, docs/conversion.md): layer l's own experts are
     # [l*widen_block, (l+1)*widen_block); the rest of its window opens over widen_steps steps.
-    widen_block: int = 0  # 0: no widening
-    widen_steps: int = 0
+    widen_block: int = setting(
+        0, "progressive widening ([conversion.md](conversion.md#progressive-widening)): layer "
+        "`l` owns pool experts `[l*widen_block, (l+1)*widen_block)`; the rest of its window "
+        "opens over `widen_steps`. Needs `topology: rotational`, `stride = widen_block`, "
+        "`window >= widen_block`, `num_experts = widen_block x MoE layers`. `moue-convert "
+        "widen` writes it; 0: off", resume=MAY_CHANGE)
+    widen_steps: int = setting(
+        0, "steps over which the foreign experts open: their softmax scores (and the "
+        "trajectory-state term) are scaled by `t / widen_steps` after `t` steps",
+        resume=MAY_CHANGE)
 
     def _validate(self):
         positive("moe", self, "num_experts", "expert_ffn_hidden_size", "topk", "window",
@@ -166,10 +233,11 @@ class MoEConfig(Section):
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig(Section):
     section = "parallel"
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: int | None = None  # None: tp when ep == 1, else 1 (see parallel.layout)
+    tp: int = setting(1, "tensor-parallel degree")
+    pp: int = setting(1, "pipeline-parallel degree")
+    ep: int = setting(1, "expert-parallel degree (the pool's experts split over `ep` ranks)")
+    etp: int | None = setting(None, "expert tensor-parallel degree; null: `tp` when `ep == 1`, "
+                              "else 1 ([parallel.md](parallel.md))")
 
     def _validate(self):
         positive("parallel", self, "tp", "pp", "ep")
@@ -180,28 +248,42 @@ class ParallelConfig(Section):
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(Section):
     section = "train"
-    micro_batch_size: int = 2
-    global_batch_size: int = 8
-    steps: int = 100
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 10
-    schedule: str = "cosine"  # cosine | wsd
-    weight_decay: float = 0.1
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    seed: int = 1234
-    precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp8
-    fp8_recipe: str = "tensorwise"  # tensorwise | blockwise (Hopper) | mxfp8 (Blackwell) | delayed
-    # Weight gradients accumulated into Megatron's main_grad inside the GEMM. null: on where the
-    # GPU kernels are (Transformer Engine + apex); true on a CPU runs their stand-ins (tests).
-    grad_accum_fusion: bool | None = None
-    recompute: str = "none"  # none | selective | full (activation recomputation)
-    recompute_modules: list | None = None  # selective: Megatron's module names; None: core_attn
-    eval_interval: int = 50
-    eval_iters: int = 4
-    on_nan: str = "stop"  # stop | skip: what a NaN/Inf loss does (skip: no update, data moves on)
+    micro_batch_size: int = setting(2, "samples per micro-batch on each data-parallel rank")
+    global_batch_size: int = setting(8, "samples per optimizer step; a multiple of "
+                                     "`micro_batch_size`")
+    steps: int = setting(100, "optimizer steps")
+    lr: float = setting(3e-3, "peak learning rate")
+    min_lr: float = setting(3e-4, "the schedule's final learning rate; `0 <= min_lr <= lr`")
+    warmup_steps: int = setting(10, "linear warmup; below `steps`")
+    schedule: str = setting("cosine", "cosine or wsd")
+    weight_decay: float = setting(0.1, "Adam's decoupled weight decay")
+    clip_grad: float = setting(1.0, "gradient-norm clipping; 0: off")
+    adam_beta1: float = setting(0.9, "Adam's first beta")
+    adam_beta2: float = setting(0.95, "Adam's second beta")
+    seed: int = setting(1234, "the initial weights (the same under every layout, "
+                        "`moue/model/init.py`) and, unless `data.seed` is set, the sample order")
+    precision: str = setting(
+        "auto", "auto (bf16 on GPUs, fp32 on CPUs), fp32, bf16, fp8 (bf16 weights, Transformer "
+        "Engine FP8 GEMMs; a GPU with TE)")
+    fp8_recipe: str = setting(
+        "tensorwise", "with `precision: fp8`: `tensorwise` (8.9+), `blockwise` (Hopper), "
+        "`mxfp8` (Blackwell); `delayed` is refused for MoE models ([gpu.md](gpu.md#precision))")
+    grad_accum_fusion: bool | None = setting(
+        None, "weight gradients written into Megatron's `main_grad` inside the GEMMs; null: on "
+        "where Transformer Engine's layers and apex's kernel are (the GPU image), `false` turns "
+        "it off; `true` on a CPU runs the stand-ins of both libraries, for tests "
+        "([gpu.md](gpu.md#gradient-accumulation-fusion-and-the-shared-pool))")
+    recompute: str = setting("none", "activation recomputation: `none`, `selective`, `full` "
+                             "(each layer recomputed from its input in backward)")
+    recompute_modules: list[str] | None = setting(
+        None, "with `recompute: selective`: Megatron's modules `core_attn` (the default), "
+        "`layernorm`, `mlp`, `shared_experts`; `moe` and `moe_act` are refused (the shared pool "
+        "and the router's state, [gpu.md](gpu.md#recompute))")
+    eval_interval: int = setting(50, "steps between evaluations; 0 turns evaluation off")
+    eval_iters: int = setting(4, "global batches of the validation split per evaluation; at "
+                              "least 1 while `eval_interval > 0`")
+    on_nan: str = setting("stop", "stop or skip: what a NaN/Inf loss does (skip: no update, the "
+                          "data moves on)")
 
     def _validate(self):
         positive("train", self, "micro_batch_size", "global_batch_size", "steps")
@@ -241,15 +323,24 @@ class TrainConfig(Section):
 @dataclass(frozen=True, kw_only=True)
 class DataConfig(Section):
     section = "data"
-    path: str | None = None  # prefix of a Megatron indexed dataset (.bin/.idx)
-    blend: list | None = None  # [weight, prefix, weight, prefix, ...]
-    split: str = "98,2,0"
-    tokenizer: str = "byte"
-    mock: bool = False  # synthetic tokens (Megatron's mock dataset): no files needed
-    seed: int | None = None  # order of the train and validation samples; None: train.seed
-    # Processes that assemble the next training micro-batches while a step runs; None: 2 on a
-    # GPU, 0 on a CPU (where they would take the cores the step needs).
-    num_workers: int | None = None
+    path: str | None = setting(None, "prefix of a Megatron indexed dataset (`.bin/.idx`)")
+    blend: list[float | str] | None = setting(
+        None, "`[weight, prefix, weight, prefix, ...]` (or `[prefix]`)")
+    split: str = setting("98,2,0", "train/valid/test weights (three non-negative numbers, "
+                         "train > 0)")
+    tokenizer: str = setting("byte", "`byte`, or a tokenizer file (`tokenizer.json`, "
+                             "SentencePiece `.model`)")
+    mock: bool | None = setting(
+        None, "synthetic tokens from Megatron's `MockGPTDataset` (`data_tools/megatron_data.py`),"
+        " no files; null: true when neither `path` nor `blend` is given")
+    seed: int | None = setting(
+        None, "seed of the order of the train and validation samples; null: `train.seed`, as "
+        "Megatron-LM's one `--seed`. Set it to compare initialisations on the same data order "
+        "and the same held-out samples (`benchmarks/quality.py` does)")
+    num_workers: int | None = setting(
+        None, "processes that assemble the next training micro-batches while a step runs; "
+        "null: 2 on a GPU, 0 on a CPU, where they would take the cores the step needs "
+        "([gpu.md](gpu.md#the-step-loop))")
 
     @property
     def valid_share(self) -> float:
@@ -257,6 +348,8 @@ class DataConfig(Section):
         return float(self.split.replace("/", ",").split(",")[1])
 
     def _validate(self):
+        if self.mock is None:
+            object.__setattr__(self, "mock", not (self.path or self.blend))
         check(self.num_workers is None or self.num_workers >= 0, "data.num_workers",
               self.num_workers, "must be an integer >= 0, or null (2 on a GPU, 0 on a CPU)")
         check(self.mock or self.path or self.blend, "data.path", self.path,
@@ -287,9 +380,11 @@ class DataConfig(Section):
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig(Section):
     section = "checkpoint"
-    dir: str | None = None  # None: no checkpoints
-    interval: int = 0  # steps between checkpoints; 0 turns periodic checkpoints off
-    keep_last: int = 2
+    dir: str | None = setting(None, "where checkpoints go; null: none")
+    interval: int = setting(0, "steps between checkpoints; 0: only at the end and on "
+                            "SIGTERM/SIGINT")
+    keep_last: int = setting(2, "checkpoints kept (see "
+                             "[training.md](training.md#checkpoints-checkpointdir---mouetrainingcheckpointpy))")
 
     def _validate(self):
         check(self.interval >= 0, "checkpoint.interval",
@@ -300,25 +395,18 @@ class CheckpointConfig(Section):
 @dataclass(frozen=True, kw_only=True)
 class LoggingConfig(Section):
     section = "logging"
-    dir: str = "runs/latest"  # TensorBoard events and plots
-    interval: int = 1  # steps between logged lines
-    metrics_file: str | None = None  # one JSON line per logged step; None: <dir>/metrics.jsonl
-    ep_balance_ranks: int = 0  # EP degree of the tokens-per-EP-rank figure; 0: the run's own
+    dir: str = setting("runs/latest", "TensorBoard events, `metrics.jsonl`, plots")
+    interval: int = setting(1, "steps between logged lines")
+    metrics_file: str | None = setting(None, "one JSON line per logged step; null: "
+                                       "`<dir>/metrics.jsonl`")
+    ep_balance_ranks: int = setting(0, "the EP degree of the `ep_load_max_over_mean` figure; "
+                                    "0: `parallel.ep`")
 
     def _validate(self):
         positive("logging", self, "interval")
         check(self.ep_balance_ranks >= 0, "logging.ep_balance_ranks", self.ep_balance_ranks,
               "must be an integer >= 0 (0: the run's parallel.ep)")
 
-
-# moe fields that steer training but do not change what the weights mean: a run may resume from a
-# checkpoint with other values.
-TRAINING_KNOBS = ("balance", "balance_coeff", "aux_free_rate", "z_loss_coeff", "dispatcher",
-                  "ep_balance_coeff", "ep_balance_groups", "expert_impl", "widen_block",
-                  "widen_steps")
-# model fields that do not decide the weights (checkpoints move between them): the kernels, and
-# the sequence length (RoPE has no learned positions; moue-eval --tokens evaluates any length)
-IMPLEMENTATION_KNOBS = ("transformer_impl", "seq_length")
 
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig,
             "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
@@ -331,7 +419,7 @@ class RunConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(mock=True))
+    data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
@@ -392,13 +480,21 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def architecture(self) -> dict:
-        """The fields that decide what the weights are and mean: a checkpoint loads only into a
-        run with the same ones. The rest (balance, dispatcher, learning rate, ...) may change
-        when a run resumes."""
-        moe = {k: v for k, v in dataclasses.asdict(self.moe).items() if k not in TRAINING_KNOBS}
-        model = {k: v for k, v in dataclasses.asdict(self.model).items()
-                 if k not in IMPLEMENTATION_KNOBS}
-        return {"model": model, "moe": moe}
+        """The fields that decide what the weights are and mean (declared ``ARCHITECTURE`` at
+        the field): a checkpoint loads only into a run with the same ones. The rest (balance,
+        dispatcher, kernels, every other section) may change when a run resumes."""
+        return {name: {f.name: getattr(getattr(self, name), f.name)
+                       for f in fields(SECTIONS[name]) if f.metadata["resume"] == ARCHITECTURE}
+                for name in ARCHITECTURE_SECTIONS}
+
+
+ARCHITECTURE_SECTIONS = ("model", "moe")  # their fields declare whether they may change on resume
+
+
+def may_change_on_resume() -> list[str]:
+    """``section.key`` of the model and moe fields a resumed run may set otherwise."""
+    return [f"{name}.{f.name}" for name in ARCHITECTURE_SECTIONS
+            for f in fields(SECTIONS[name]) if f.metadata["resume"] == MAY_CHANGE]
 
 
 def _nearest(key: str, valid, prefix: str = "") -> str:
@@ -466,6 +562,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
             raise UserError(f"override {item!r}: use section.key=value, e.g. moe.window=8")
         _set_dotted(tree, dotted.strip(), _parse_yaml(raw, f"override {item!r}"))
     sections = {name: _build_section(name, values) for name, values in tree.items()}
-    if "data" not in sections:
-        sections["data"] = DataConfig(mock=True)
     return RunConfig(**sections)
+
+
+# --- the configuration reference in docs/configuration.md, generated from the fields ---
+
+REFERENCE_START, REFERENCE_END = "<!-- generated from moue/config.py: {} -->", "<!-- end -->"
+
+
+def with_reference(text: str) -> str:
+    """``text`` (docs/configuration.md) with each section's generated table between its
+    markers (``python -m moue.config`` rewrites the file)."""
+    for name, cls in SECTIONS.items():
+        start = REFERENCE_START.format(name)
+        if start not in text:
+            raise ValueError(f"docs/configuration.md has no {start!r} marker for the {name} "
+                             "section")
+        before, _, rest = text.partition(start)
+        _, _, after = rest.partition(REFERENCE_END)
+        table = reference(cls, with_resume=name in ARCHITECTURE_SECTIONS)
+        text = f"{before}{start}\n{table}\n{REFERENCE_END}{after}"
+    return text
+
+
+if __name__ == "__main__":
+    docs = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    docs.write_text(with_reference(docs.read_text()))

@@ -6,8 +6,8 @@ import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from moue.config import RunConfig, load_config
-from moue.model.builder import balance_modules, build_model, pipeline_shapes
-from moue.model.megatron_config import transformer_config
+from moue.model.builder import balance_modules, pipeline_shapes
+from moue.model.chunk import build_chunk
 from moue.run_check import plan_run
 from parallel.layout import ParallelLayout
 from parallel.pool_sync import finish_step_loads
@@ -27,14 +27,13 @@ def tiny(*overrides: str) -> RunConfig:
 
 
 def moue_builder(cfg: RunConfig):
+    """Builds ``cfg``'s chunk through the model API the Trainer uses (``moue.model.chunk``);
+    the harness then fills it by global key (``tests.megatron_gpt``)."""
     def build_fn(layout: ParallelLayout, seed: int) -> Built:
-        plan = plan_run(cfg)
-        config = transformer_config(cfg.model, cfg.moe, layout, plan, device=torch.device("cpu"),
-                                    train=cfg.train)
-        model = build_model(cfg.model, cfg.moe, cfg.topology(), config,
-                            ProcessGroupCollection.use_mpu_process_groups(), plan)
+        model = build_chunk(cfg.model, cfg.moe, cfg.train, cfg.topology(), layout, plan_run(cfg),
+                            torch.device("cpu"), ProcessGroupCollection.use_mpu_process_groups())
         balances = balance_modules([model])
-        return Built(model, config, Data(cfg.model.vocab_size, cfg.model.seq_length),
+        return Built(model, model.config, Data(cfg.model.vocab_size, cfg.model.seq_length),
                      pipeline_shapes=pipeline_shapes(cfg.moe.router_state_dim),
                      after_step=lambda: finish_step_loads(balances))
     return build_fn

@@ -14,9 +14,9 @@ import pytest
 
 from data_tools.cli import data_info_main, preprocess_main
 from data_tools.tokenizer import load_tokenizer
+from moue.checkpoint import step_checkpoints
 from moue.cli import pretrain
 from moue.config import load_config
-from moue.model.checkpoint import step_checkpoints
 from moue.training.checkpoint import prune, set_aside_newer
 from parallel.errors import UserError
 
@@ -46,7 +46,7 @@ def test_config_file_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override,message", [
-    ('data.mock="false"', "data.mock='false': must be true or false (write true or false"),
+    ('data.mock="false"', "data.mock='false': must be true or false or null (write true or"),
     ("train.lr=[0.1, 0.2]", "train.lr=[0.1, 0.2]: must be a number"),
     ("model.num_layers=4.5", "model.num_layers=4.5: must be an integer"),
     ("moe.topology=3", "moe.topology=3: must be a string"),

@@ -1,12 +1,25 @@
 """Config loading: YAML sections, dotted overrides, and every rejection naming field and fix."""
 
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 
-from moue.config import RunConfig, load_config
+from moue.config import (
+    ARCHITECTURE_SECTIONS,
+    SECTIONS,
+    DataConfig,
+    RunConfig,
+    load_config,
+    may_change_on_resume,
+    with_reference,
+)
+from moue.sections import ARCHITECTURE, MAY_CHANGE
 
 pytestmark = pytest.mark.compat
 
 TINY = "examples/configs/tiny_cpu.yaml"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_shipped_tiny_config_loads_and_overrides_apply():
@@ -58,6 +71,48 @@ def test_unknown_section_in_a_file(tmp_path):
 def test_data_needs_a_path_or_mock():
     with pytest.raises(ValueError, match="data.path=None: set data.path"):
         load_config(None, ["data.mock=false"])
+
+
+def test_every_section_is_valid_as_constructed():
+    """Each section's defaults are a valid section (data: synthetic tokens until a dataset is
+    named, then that dataset)."""
+    for cls in SECTIONS.values():
+        cls()
+    assert DataConfig().mock is True and DataConfig(path="data/web").mock is False
+    assert load_config(None, ["data.path=data/web"]).data.mock is False
+
+
+@pytest.mark.parametrize("override,message", [
+    ("moe.eligibility=[[0, 1], [a, 2]]", "must be a list of lists of integers or null"),
+    ("elastic.layers=[2, 2.5]", "must be a list of integers or null"),
+    ("train.recompute_modules=[1]", "must be a list of strings or null"),
+    ("data.blend=[0.5, [a]]", "must be a list of numbers or strings or null"),
+])
+def test_list_fields_check_their_elements(override, message):
+    with pytest.raises(ValueError) as err:
+        load_config(TINY, [override])
+    assert message in str(err.value)
+
+
+def test_every_field_says_what_it_means_and_whether_a_resume_may_change_it():
+    for name, cls in SECTIONS.items():
+        for f in fields(cls):
+            assert f.metadata.get("doc"), f"{name}.{f.name} has no doc (moue.sections.setting)"
+            declared = f.metadata.get("resume")
+            if name in ARCHITECTURE_SECTIONS:  # a new model/moe field must choose
+                assert declared in (ARCHITECTURE, MAY_CHANGE), f"{name}.{f.name}: {declared}"
+            else:
+                assert declared is None, f"{name}.{f.name}: only model and moe fields declare it"
+    free = may_change_on_resume()
+    assert "moe.balance_coeff" in free and "model.seq_length" in free
+    assert "moe.num_experts" not in free and "moe.num_experts" in {
+        f"moe.{k}" for k in RunConfig().architecture()["moe"]}
+
+
+def test_the_reference_in_the_docs_is_generated_from_the_fields():
+    docs = ROOT / "docs" / "configuration.md"
+    assert with_reference(docs.read_text()) == docs.read_text(), (
+        "docs/configuration.md is stale: run python -m moue.config")
 
 
 def test_numbers_in_exponent_notation_are_numbers():

@@ -20,11 +20,11 @@ transformers = pytest.importorskip("transformers")
 from megatron.core import dist_checkpointing  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from moue import checkpoint  # noqa: E402
 from moue.config import load_config  # noqa: E402
 from moue.convert.families import export_family  # noqa: E402
 from moue.convert.hf_format import Tensors, write_tensors  # noqa: E402
 from moue.convert.huggingface import export_hf, import_hf  # noqa: E402
-from moue.model import checkpoint  # noqa: E402
 from moue.run_check import check_run  # noqa: E402
 from moue.training.evaluate import evaluate_tokens  # noqa: E402
 from moue.training.trainer import run, train  # noqa: E402
@@ -102,6 +102,7 @@ def test_import_gives_transformers_logits_in_one_process(base, family):
         proc = _cli("eval", "--load", str(base / family / "moue"), "--tokens", str(tokens),
                     "--logits", str(out))
         printed = float(proc.stdout.split("positions: ")[1].split()[0])
+        assert "MockGPTDataset" not in proc.stderr  # no datasets built for a token array
     else:
         printed = evaluate_tokens(str(base / family / "moue"), str(tokens), [], str(out))["loss"]
     reference = np.load(base / family / "reference_logits.npy")

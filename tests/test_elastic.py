@@ -7,7 +7,7 @@ import torch
 
 from moue.config import load_config
 from moue.elastic.apply import effective_mask
-from moue.elastic.export import submodel_state, submodel_tree
+from moue.elastic.extract import submodel_state, submodel_tree
 from moue.elastic.microbatch import MicrobatchSchedule, full_microbatches, split_topk
 from moue.elastic.schedule import Schedule
 from moue.elastic.submodel import (

@@ -101,15 +101,15 @@ class Tensors:
                             "or incomplete: download it again") from None
 
 
-def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
-                  shard_bytes: int = SHARD_BYTES) -> None:
+def write_tensors(directory: Path, tensors: dict[str, torch.Tensor],
+                  dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES) -> None:
     """``tensors`` (in ``dtype``; None: their own) as ``save_pretrained`` lays them out: one
     file, or shards and an index. Converted and made contiguous one shard at a time, so only
     that shard's copies exist beside the tensors given (safetensors writes from the tensors'
     memory without a copy); a tensor that is the same memory as one already in the shard (a
     pool expert that several layers hold) is copied, as safetensors refuses shared memory."""
     def nbytes(t):
-        return t.numel() * (torch.empty((), dtype=dtype or t.dtype).element_size())
+        return t.numel() * (dtype or t.dtype).itemsize
 
     shards: list[list[str]] = [[]]
     size = 0

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from moue.config import load_config
+from moue import checkpoint
+from moue.commands.standalone import DTYPES, loaded_chunk, one_process, one_process_config
 from moue.convert.families import export_family, family_of, hf_config, moue_sections, to_hf, to_moue
 from moue.convert.hf_format import (
     CONFIG,
@@ -37,9 +38,6 @@ from moue.convert.hf_format import (
     write_tensors,
 )
 from moue.convert.importing import check_overrides, check_tokenizer, new_output, write_imported
-from moue.model import checkpoint
-from moue.model.chunk import DTYPES, ONE_CPU_PROCESS, build_chunk, one_process, precision
-from moue.run_check import check_run, plan_run
 from parallel.errors import UserError
 
 DEFAULT_SEQ_LENGTH = 4096  # of the written config, at most max_position_embeddings
@@ -100,15 +98,11 @@ def export_hf(load: str, output: str, family_name: str | None,
     path = checkpoint.resolve(load)
     meta = checkpoint.saved_config(path)
     stored = checkpoint.stored_dtype(path)
-    cfg = load_config(None, [*ONE_CPU_PROCESS, f"train.precision={precision(stored)}",
-                             "checkpoint.dir=null"], base=meta["config"])
+    cfg = one_process_config(meta["config"], stored)
     family = export_family(cfg, family_name)
-    layout = check_run(cfg, 1)
     step = meta.get("state", {}).get("step", 0)
-    with one_process(layout, cfg.train.seed) as pg:
-        module = build_chunk(cfg, layout, plan_run(cfg), torch.device("cpu"), pg,
-                             initialise=False)
-        checkpoint.load_model(path, module, cfg, pg)
+    with one_process(cfg, "moue-convert") as pg:
+        module = loaded_chunk(path, cfg, pg)
         if cfg.moe.widen_block and step < cfg.moe.widen_steps:
             raise UserError(f"--load {load}: step {step} of a widening ramp of "
                             f"{cfg.moe.widen_steps} steps: the new experts are only partly open, "

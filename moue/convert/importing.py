@@ -19,26 +19,28 @@ import torch
 
 from data_tools.tokenizer import load_tokenizer
 from moue import outputs
-from moue.config import IMPLEMENTATION_KNOBS, TRAINING_KNOBS, RunConfig, load_config
+from moue.checkpoint import publish_new
+from moue.commands.standalone import (
+    new_chunk,
+    one_process,
+    one_process_config,
+    require_one_process,
+)
+from moue.config import RunConfig, load_config, may_change_on_resume
 from moue.convert.hf_format import tokenizer_files
-from moue.model.checkpoint import publish_new
-from moue.model.chunk import ONE_CPU_PROCESS, build_chunk, one_process, precision
-from moue.run_check import check_run, plan_run
-from parallel import launch
+from moue.run_check import check_run
 from parallel.errors import UserError
 
 
 def new_output(output: str, flag: str) -> tuple[Path, Path]:
     """The output path and its hidden staging twin (``moue.outputs``); one process only."""
-    if launch.read_launch_env().world_size != 1:
-        raise UserError("moue-convert runs as one process (it holds the whole model); run it "
-                        "without torchrun")
+    require_one_process("moue-convert")
     return outputs.new_output(output, flag)
 
 
 def check_overrides(overrides: list[str], source: str) -> None:
     """Refuse overrides of the architecture, which comes from ``source``."""
-    free = {f"model.{k}" for k in IMPLEMENTATION_KNOBS} | {f"moe.{k}" for k in TRAINING_KNOBS}
+    free = set(may_change_on_resume())
     for item in overrides:
         key = item.split("=", 1)[0]
         if key.split(".", 1)[0] in ("model", "moe") and key not in free:
@@ -72,18 +74,15 @@ def write_imported(out: Path, tmp: Path, tree: dict, tokenizer: str, overrides: 
         **tree, "data": {"mock": True, "tokenizer": str(final / tok.name) if tok else "byte"},
         "checkpoint": {"dir": str(final)}})
     check_run(target)
-    single = load_config(None, [*ONE_CPU_PROCESS, f"train.precision={precision(dtype)}",
-                                "checkpoint.dir=null", f"data.tokenizer={tokenizer}"], base=tree)
-    layout = check_run(single, 1)
+    single = one_process_config(tree, dtype, [f"data.tokenizer={tokenizer}"])
     files: dict[str, str | Path] = {
         "source.json": json.dumps(source, indent=2, default=str) + "\n"}
     if tok is not None:
         files.update({name: tok.parent / name for name in tokenizer_files(tok.parent)})
         files.setdefault(tok.name, tok)
-    with one_process(layout, single.train.seed) as pg:
-        module = build_chunk(single, layout, plan_run(single), torch.device("cpu"), pg,
-                             initialise=False)
+    with one_process(single, "moue-convert") as pg:
+        module = new_chunk(single, pg, initialise=False)
         with torch.no_grad():
             fill(single, module)
-        publish_new(out, tmp, module, target, target, pg, files)
+        publish_new(out, tmp, module, target, pg, files)
     return out

@@ -40,10 +40,10 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from torch.distributed.checkpoint.api import CheckpointException
 
+from moue.checkpoint import EMBEDDING_KEY
+from moue.commands.standalone import DTYPES
 from moue.config import RunConfig
 from moue.convert.importing import check_overrides, check_tokenizer, new_output, write_imported
-from moue.model.checkpoint import EMBEDDING_KEY
-from moue.model.chunk import DTYPES
 from moue.model.megatron_config import transformer_config
 from moue.run_check import check_run, plan_run
 from parallel.errors import UserError

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
+from moue import checkpoint
+from moue.checkpoint import publish_new
+from moue.commands.standalone import loaded_chunk, new_chunk, one_process, one_process_config
 from moue.config import RunConfig, load_config
 from moue.convert.importing import new_output
-from moue.model import checkpoint
-from moue.model.checkpoint import publish_new
-from moue.model.chunk import ONE_CPU_PROCESS, build_chunk, one_process, precision
-from moue.run_check import check_run, plan_run
+from moue.run_check import check_run
 from parallel.errors import UserError
 
 ROUTER_KEY = re.compile(r"decoder\.layers\.(\d+)\.mlp\.router\.weight")
@@ -71,23 +71,21 @@ def widen(load: str, output: str, window: int, steps: int, overrides: list[str])
         raise UserError(f"--steps {steps}: give the ramp's length in steps, >= 1")
     path = checkpoint.resolve(load)
     saved = checkpoint.saved_config(path)["config"]
-    dtype = f"train.precision={precision(checkpoint.stored_dtype(path))}"
+    dtype = checkpoint.stored_dtype(path)
     tree = widened_tree(load_config(None, ["checkpoint.dir=null"], base=saved), window, steps)
     target = load_config(None, [*overrides, f"checkpoint.dir={out.resolve()}"], base=tree)
     check_run(target)
-    source = load_config(None, [*ONE_CPU_PROCESS, dtype, "checkpoint.dir=null"], base=saved)
-    single = load_config(None, [*ONE_CPU_PROCESS, dtype, "checkpoint.dir=null",
-                                f"moe.router_state_dim={target.moe.router_state_dim}"], base=tree)
-    layout, cpu = check_run(source, 1), torch.device("cpu")
-    with one_process(layout, source.train.seed) as pg:
-        old = build_chunk(source, layout, plan_run(source), cpu, pg, initialise=False)
-        checkpoint.load_model(path, old, source, pg)
+    source = one_process_config(saved, dtype)
+    single = one_process_config(tree, dtype,
+                                [f"moe.router_state_dim={target.moe.router_state_dim}"])
+    with one_process(source, "moue-convert") as pg:
+        old = loaded_chunk(path, source, pg)
         state = old.state_dict()
         # initialised: U and the balance state start afresh (module docstring)
-        module = build_chunk(single, layout, plan_run(single), cpu, pg)
+        module = new_chunk(single, pg)
         fresh = module.state_dict()
         kept = {k: v for k, v in state.items() if not k.startswith(FRESH) and k in fresh}
         module.load_state_dict({**fresh, **kept, **widened_routers(state, source, single)})
         del old, state, kept
-        publish_new(out, tmp, module, target, target, pg)
+        publish_new(out, tmp, module, target, pg)
     return out

@@ -17,28 +17,53 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moue.sections import Section, check, one_of
+from moue.sections import Section, check, one_of, setting
 from parallel.errors import UserError
 
 
 @dataclass(frozen=True, kw_only=True)
 class ElasticConfig(Section):
     section = "elastic"
-    enabled: bool = False
-    granularity: str = "microbatch"  # microbatch (ERNIE 5.0's code) | step (one per step)
-    full_share: float = 0.75  # microbatch: share of each step's micro-batches on the full model
-    topk_max: int | None = None  # microbatch: largest per-sample k; null: 2 * moe.topk - 1
-    layers: list | None = None  # reduced depths; null: [round(3/4 * model.num_layers)]
-    layers_full_prob: float = 0.75
-    layers_policy: str = "spread"  # spread (evenly spaced, first and last kept) | random
-    experts: list | None = None  # reduced pool sizes; null: [moe.num_experts / 2]
-    experts_full_prob: float = 0.8
-    experts_policy: str = "random"  # random (a fresh subset per block) | nested (first of each)
-    topk: list | None = None  # reduced top-k; null: 1 .. moe.topk - 1
-    topk_full_prob: float = 0.8
-    coactivation_prob: float = 0.0  # Elastic MoE: a token keeps k random of its k_ideal best
-    k_ideal: int | None = None  # null: moe.topk + 1
-    sharpen_coeff: float = 0.0  # router sharpening loss coefficient (0: off)
+    enabled: bool = setting(False, "train sub-models; false: every step trains the full model, "
+                            "exactly as without this section")
+    granularity: str = setting(
+        "microbatch", "`microbatch` (full model on the first `full_share` of the micro-batches, "
+        "per-sample sub-models on the rest; ERNIE 5.0's code) or `step` (one sub-model per step)")
+    full_share: float = setting(
+        0.75, "`microbatch`: share of each step's `global_batch_size / micro_batch_size` "
+        "micro-batches on the full model (rounded; in (0, 1]; below 1 a step needs at least one "
+        "micro-batch of each kind; the balance learns from the full-model ones)")
+    topk_max: int | None = setting(
+        None, "`microbatch`: the largest per-sample top-k of an elastic micro-batch; null: "
+        "`2 * moe.topk - 1` (capped at the window)")
+    layers: list[int] | None = setting(
+        None, "reduced depths (layer counts, 1..`model.num_layers`); null: "
+        "`[round(3/4 * num_layers)]`")
+    layers_full_prob: float = setting(0.75, "probability of full depth (per elastic sample, or "
+                                      "per step)")
+    layers_policy: str = setting(
+        "spread", "`spread` (evenly spaced, first and last kept; a fixed set per depth) or "
+        "`random` (first and last, the rest drawn per step)")
+    experts: list[int] | None = setting(
+        None, "reduced pool sizes; each a multiple of the number of blocks (`num_experts / "
+        "stride` for rotational, the layers for standard, 1 for full) that leaves at least "
+        "`moe.topk` experts in every window; null: `[num_experts / 2]` when that is valid")
+    experts_full_prob: float = setting(0.8, "probability of the whole pool (per elastic sample, "
+                                       "or per step)")
+    experts_policy: str = setting("random", "`random` (a fresh subset of each block per draw) "
+                                  "or `nested` (the first of each block)")
+    topk: list[int] | None = setting(
+        None, "`step`: reduced top-k values; null: `1 .. moe.topk - 1` (also the family "
+        "`moue-eval --family` reports)")
+    topk_full_prob: float = setting(
+        0.8, "probability of `moe.topk`: per MoE layer of an elastic micro-batch (else `k x B` "
+        "split over its `B` samples, 1..`topk_max` each), or per step")
+    coactivation_prob: float = setting(
+        0.0, "Elastic MoE's co-activation sampling: the probability that a sequence position "
+        "keeps `k` random experts of its `k_ideal` best")
+    k_ideal: int | None = setting(None, "null: `moe.topk + 1`; above `moe.topk`, at most the "
+                                  "window")
+    sharpen_coeff: float = setting(0.0, "coefficient of the router-sharpening loss (0: off)")
 
     def _validate(self):
         for axis in ("layers", "experts", "topk"):
@@ -47,14 +72,13 @@ class ElasticConfig(Section):
                   "must be a probability in [0, 1]")
             choices = getattr(self, axis)
             if choices is not None:
-                check(all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
-                          for c in choices), f"elastic.{axis}", choices,
+                check(all(c >= 1 for c in choices), f"elastic.{axis}", choices,
                       "must be a list of positive integers, e.g. [2, 3] (or null for the default)")
         one_of("elastic.granularity", self.granularity, ("microbatch", "step"))
         check(0 < self.full_share <= 1, "elastic.full_share", self.full_share,
               "must be a share in (0, 1] (1: every micro-batch trains the full model); the "
               "balance learns from the full-model micro-batches only, so some must be")
-        check(self.topk_max is None or (isinstance(self.topk_max, int) and self.topk_max >= 1),
+        check(self.topk_max is None or self.topk_max >= 1,
               "elastic.topk_max", self.topk_max, "must be a positive integer or null (2k - 1)")
         one_of("elastic.layers_policy", self.layers_policy, ("spread", "random"))
         one_of("elastic.experts_policy", self.experts_policy, ("random", "nested"))

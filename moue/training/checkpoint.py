@@ -1,5 +1,5 @@
 """Training checkpoints: the model, the optimizer and the trainer's state, written aside and
-published atomically, in the format of ``moue.model.checkpoint``; and the run lock.
+published atomically, in the format of ``moue.checkpoint``; and the run lock.
 
 A training checkpoint's ``step_N`` holds the model and the optimizer (torch_dist), ``trainer.pt``
 (scheduler, step, samples, config) and ``rng_rank<r>.pt``; ``checkpoint.dir/.lock`` is held by a
@@ -24,7 +24,7 @@ Decisions:
   balance, dispatcher and learning-rate settings may change on resume.
 
 - Saves are synchronous, and the writer's results come back through an in-process queue
-  (``moue.model.checkpoint.write_results_in_process``), not a spawned multiprocessing server.
+  (``moue.checkpoint.write_results_in_process``), not a spawned multiprocessing server.
 
 Process groups are passed in (Megatron's ``ProcessGroupCollection``); the barriers span the world
 (every rank saves).
@@ -46,7 +46,7 @@ import torch
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
-from moue.model.checkpoint import (
+from moue.checkpoint import (
     META,
     barrier,
     check_architecture,

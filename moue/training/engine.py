@@ -4,7 +4,8 @@
 Megatron's ``get_forward_backward_func`` so that every pipeline schedule works.
 
 ``build_engine`` is the one place these are assembled: the Trainer, the benchmarks and the
-equivalence tests all use it, so they step the same engine.
+equivalence tests all use it, so they step the same engine. ``build_forward_engine`` serves
+evaluation: the same schedules, forward only, with no DDP buffers and no optimizer.
 
 On resume the schedule's *shape* (lr, min_lr, warmup, decay steps, weight decay) comes from the
 run's config and its *position* from the checkpoint (``override_opt_param_scheduler``): a run may
@@ -28,7 +29,7 @@ from moue.config import TrainConfig
 
 @dataclass
 class Engine:
-    model: DistributedDataParallel
+    model: DistributedDataParallel  # or ForwardOnly (build_forward_engine)
     optimizer: object  # a MegatronOptimizer (chained into dense and expert parts when ep > 1)
     scheduler: OptimizerParamScheduler
     closed: bool = False
@@ -63,6 +64,9 @@ class Engine:
         if self.closed:  # its gradients would no longer be reduced over data-parallel ranks
             raise RuntimeError("this engine was closed (Engine.close) and cannot train; "
                                "build another")
+        if self.optimizer is None:
+            raise RuntimeError("this engine runs forward passes only (build_forward_engine); "
+                               "build_engine gives one that trains")
 
     def close(self) -> None:
         """Let the engine be freed once it is dropped; it cannot train after this.
@@ -81,7 +85,8 @@ class Engine:
         self.closed = True
         config = self.model.config
         config.finalize_model_grads_func = config.no_sync_func = config.grad_scale_func = None
-        self.model.grad_accs.clear()
+        if hasattr(self.model, "grad_accs"):  # DDP's (a forward-only engine has none)
+            self.model.grad_accs.clear()
         modules = list(self.model.modules())
         for cls in {klass for module in modules for klass in type(module).__mro__}:
             for attr in vars(cls).values():
@@ -100,17 +105,43 @@ def _plain_object(value) -> bool:
     return hasattr(value, "__dict__") and not callable(value) and not isinstance(value, torch.Tensor)
 
 
+class ForwardOnly(torch.nn.Module):
+    """A model chunk as Megatron's schedules take it for forward passes alone (evaluation):
+    without DDP's gradient buffers (the size of the model, in fp32) and without an optimizer.
+    ``module`` is the chunk, as on DDP."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self.config = module.config
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def _one_dtype(module: torch.nn.Module, config: TransformerConfig) -> None:
+    """One dtype for every parameter, as Megatron-LM's Float16Module makes it: Megatron's
+    distributed optimizer orders a group's main params fp32-first, and its index map assumes no
+    group mixes fp32 and bf16 (a mixed group breaks saving its state). Routers create their
+    weights in fp32 (Megatron's and moue's); they compute in fp32 whatever their dtype."""
+    for param in module.parameters():
+        if param.dtype != config.params_dtype:
+            param.data = param.data.to(config.params_dtype)
+
+
+def build_forward_engine(module: torch.nn.Module) -> Engine:
+    """An engine that runs ``module`` (this rank's chunk, on its device) forward through
+    Megatron's schedules (every pipeline schedule) and cannot train; its parameters in one
+    dtype, as the training engine's (``_one_dtype``)."""
+    _one_dtype(module, module.config)
+    return Engine(ForwardOnly(module), optimizer=None, scheduler=None)
+
+
 def build_engine(module: torch.nn.Module, config: TransformerConfig, train: TrainConfig, *,
                  distributed_optimizer: bool = True) -> Engine:
     """Wrap ``module`` (this rank's model chunk, already on its device) for training."""
     bf16 = config.params_dtype == torch.bfloat16
-    # One dtype for every parameter, as Megatron-LM's Float16Module makes it: Megatron's
-    # distributed optimizer orders a group's main params fp32-first, and its index map assumes
-    # no group mixes fp32 and bf16 (a mixed group breaks saving its state). Routers create their
-    # weights in fp32 (Megatron's and moue's); they compute in fp32 whatever their dtype.
-    for param in module.parameters():
-        if param.dtype != config.params_dtype:
-            param.data = param.data.to(config.params_dtype)
+    _one_dtype(module, config)
     model = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                               use_distributed_optimizer=distributed_optimizer),

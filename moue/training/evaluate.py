@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
+from moue import checkpoint
 from moue.config import RunConfig, load_config
 from moue.elastic.submodel import SubModel, family, full, parse
-from moue.model import checkpoint
 from moue.model.size import sizes
 from moue.run_check import check_run
 from parallel import launch
@@ -84,16 +84,19 @@ def evaluate(load: str, texts: list[str], whole_family: bool, overrides: list[st
 
 
 @contextlib.contextmanager
-def loaded_trainer(path: Path | None, cfg: RunConfig, layout, env, device: str = "auto"):
-    """A Trainer holding the checkpoint's weights (``path`` None: freshly initialised ones),
-    between process-group start and stop."""
+def loaded_trainer(path: Path | None, cfg: RunConfig, layout, env, device: str = "auto",
+                   datasets: bool = True):
+    """A Trainer that evaluates (forward passes only: no optimizer, no DDP buffers) holding the
+    checkpoint's weights (``path`` None: freshly initialised ones), between process-group start
+    and stop (``datasets``: the Trainer's)."""
     from moue.training.trainer import Trainer
 
     launch.init_distributed(layout, device=device, env=env)
     trainer = None
     try:
         launch.seed_everything(cfg.train.seed)
-        trainer = Trainer(cfg, layout, launch.resolve_device(device))
+        trainer = Trainer(cfg, layout, launch.resolve_device(device), datasets=datasets,
+                          training=False)
         if path is not None:
             meta = checkpoint.load_model(path, trainer.model.module, cfg, trainer.pg)
             # what depends on the step: widening (a model-only checkpoint is at step 0)
@@ -169,12 +172,7 @@ def token_logits(trainer, rows: torch.Tensor) -> torch.Tensor | None:
     position ``i`` predicting token ``i+1``), on the last pipeline stage's ranks (None on the
     others); rows are spread over data-parallel ranks, as ``evaluate_tokens`` does."""
     store: list[torch.Tensor] = []
-    trainer.model.eval()
-    try:
-        trainer._run_schedule(TokenRows(rows), 0, forward_only=True,
-                              forward_step=_logits_step(store, trainer.pg.tp))
-    finally:
-        trainer.model.train()
+    trainer.evaluate(TokenRows(rows), _logits_step(store, trainer.pg.tp))
     if not is_last_stage(trainer.pg):
         return None
     mine = torch.cat(store)
@@ -208,10 +206,9 @@ def evaluate_tokens(load: str, tokens: str, overrides: list[str],
                         f"layout ({err}); the data-parallel size must divide its {batch} rows, "
                         f"and with parallel.tp > 1 tp must divide its {seq} positions per row "
                         "(row length - 1)") from None
-    with loaded_trainer(path, cfg, layout, env) as trainer:
+    with loaded_trainer(path, cfg, layout, env, datasets=False) as trainer:
         trainer.use_submodel(submodels_to_evaluate(cfg, [], False)[0])
-        trainer.valid_data = TokenRows(rows)
-        loss = trainer.evaluate()
+        loss = trainer.evaluate(TokenRows(rows))
         if logits_path is not None:
             logits = token_logits(trainer, rows)
             if logits is not None and is_logging_rank(trainer.pg):

@@ -48,7 +48,7 @@ from moue.model.widening import set_widening
 from moue.run_check import check_run, check_training, local_attention_warning, plan_run
 from moue.training import checkpoint
 from moue.training.batches import TrainBatches, collate
-from moue.training.engine import build_engine
+from moue.training.engine import build_engine, build_forward_engine
 from moue.training.metrics import (
     FamilyLosses,
     MetricsLogger,
@@ -104,16 +104,22 @@ def _forward_step(data_iterator, model):
 
 class Trainer:
     def __init__(self, cfg: RunConfig, layout: ParallelLayout, device: torch.device,
-                 pg_collection: ProcessGroupCollection | None = None):
+                 pg_collection: ProcessGroupCollection | None = None, datasets: bool = True,
+                 training: bool = True):
+        """``datasets=False``: no training or validation split (a caller that evaluates arrays
+        of its own); ``train_data`` and ``valid_data`` are None. ``training=False``: forward
+        passes only (``evaluate``): no DDP buffers, no optimizer (``optimizer`` is None)."""
         self.cfg, self.layout, self.device = cfg, layout, device
         self.pg = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
         self.plan = plan_run(cfg)  # refuses what this machine cannot run, before building
-        model = build_chunk(cfg, layout, self.plan, device, self.pg, build=self.build_module)
+        model = build_chunk(cfg.model, cfg.moe, cfg.train, cfg.topology(), layout, self.plan,
+                            device, self.pg, build=self.build_module)
         self.balances = balance_modules([model])
-        self.engine = build_engine(model, model.config, cfg.train)
+        self.engine = (build_engine(model, model.config, cfg.train) if training
+                       else build_forward_engine(model))
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         try:
-            self.train_data, self.valid_data = self._datasets()
+            self.train_data, self.valid_data = self._datasets() if datasets else (None, None)
         except BaseException:  # a refused dataset (say, its vocabulary): no Trainer to close
             self.engine.close()
             raise
@@ -354,13 +360,17 @@ class Trainer:
         self.state.consumed_samples += self.cfg.train.global_batch_size
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the first ``eval_iters`` global batches of the validation split, of the
-        full model (elastic runs) unless a sub-model was put on with ``use_submodel`` after."""
+    def evaluate(self, dataset=None, forward_step=_forward_step) -> float:
+        """Mean loss over the first ``eval_iters`` global batches of ``dataset`` (default: the
+        validation split), of the full model (elastic runs) unless a sub-model was put on with
+        ``use_submodel`` after. ``forward_step`` replaces the language-model loss's (Megatron's
+        forward-step contract: it returns the output and a loss function)."""
+        dataset = self.valid_data if dataset is None else dataset
         self.model.eval()
         try:
             g = self.cfg.train.global_batch_size
-            losses = [self._run_schedule(self.valid_data, i * g, forward_only=True)
+            losses = [self._run_schedule(dataset, i * g, forward_only=True,
+                                         forward_step=forward_step)
                       for i in range(self.cfg.train.eval_iters)]
         finally:
             self.model.train()
@@ -422,6 +432,9 @@ def run(cfg: RunConfig) -> None:
         scores = local_attention_warning(cfg, plan, Capabilities.detect())
         if scores:
             print(f"moue-pretrain: warning: {scores}", file=sys.stderr)
+    if cfg.data.mock and env.rank == 0:
+        print("moue-pretrain: data: synthetic tokens (data.mock); give data.path=PREFIX (a "
+              "moue-preprocess output) to train on a dataset", file=sys.stderr)
     if not cfg.model.dense and top1_post_softmax(cfg.moe) and env.rank == 0:
         print("moue-pretrain: note: moe.topk=1 with post-softmax scores gives every token a gate "
               "of 1, so the router learns only from the balance loss; set moe.pre_softmax=true "

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moue.model import checkpoint
+from moue import checkpoint
 from moue.training.evaluate import token_logits, tokens_config
 from moue.training.trainer import Trainer
 from parallel.launch import init_model_parallel, seed_everything
@@ -30,7 +30,7 @@ def _max_logit_diff(family: str, layout_name: str) -> float | None:
     layout = ParallelLayout(world_size=torch.distributed.get_world_size(), tp=tp, pp=pp, ep=ep)
     init_model_parallel(layout)
     seed_everything(cfg.train.seed)
-    with Trainer(cfg, layout, torch.device("cpu")) as trainer:
+    with Trainer(cfg, layout, torch.device("cpu"), datasets=False, training=False) as trainer:
         checkpoint.load_model(path, trainer.model.module, cfg, trainer.pg)
         logits = token_logits(trainer, rows)
     if logits is None:

@@ -1,7 +1,7 @@
-"""``moue-export``: a standalone checkpoint of one elastic sub-model.
+"""A sub-model taken out of the full model, as a model of its own: its config and its weights
+(``moue-export``, in ``moue.commands.export``, writes them as a checkpoint).
 
-What is written (a ``checkpoint.dir`` whose ``step_0000000`` is a model-only checkpoint in the
-source's dtype, which a run continues from with a fresh optimizer):
+What the sub-model keeps:
 - the kept layers, renumbered ``0..d-1`` in their order (attention, norms, shared experts, the
   router with only the rows of its kept experts);
 - the kept pool experts, re-indexed ``0..m-1`` in ascending pool order, and their rows of U
@@ -11,34 +11,18 @@ source's dtype, which a run continues from with a fresh optimizer):
   kept MoE layer's window over the kept experts, in the new ids (the kept rows and columns of
   the old mask);
 - the balance state: the kept experts' aux-free bias; the loads start at the new topology's
-  shares (a fresh measurement);
-- ``config.yaml`` (``checkpoint.dir`` is the output; the overrides given to the command apply:
-  the layout, the schedule of continued training) and ``submodel.json`` (where it came from).
-
-``moue-pretrain --config OUT/config.yaml`` continues training it under any layout (step 0, the
-configured schedule); ``moue-eval --load OUT`` evaluates it. It runs as one process on the CPU,
-with no optimizer: the full model is loaded whole (whatever layout it was saved under) beside
-the sub-model. The output appears under its
-final name only once complete.
+  shares (a fresh measurement).
 """
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import torch
 
-from moue.config import RunConfig, load_config
+from moue.config import RunConfig
 from moue.elastic.apply import effective_mask
-from moue.elastic.submodel import SubModel, parse
-from moue.model import checkpoint
-from moue.model.checkpoint import publish_new
-from moue.model.chunk import ONE_CPU_PROCESS, build_chunk, one_process, precision
-from moue.outputs import new_output
-from moue.run_check import check_run, plan_run
-from parallel import launch
+from moue.elastic.submodel import SubModel
 from parallel.errors import UserError
 
 LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
@@ -108,50 +92,4 @@ def submodel_state(state: dict, cfg: RunConfig, sub: SubModel, fresh: dict) -> d
             out[key] = fresh[key]
         else:
             out[key] = value
-    return out
-
-
-def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
-    """Write the sub-model ``text`` of checkpoint ``load`` to ``output``; returns its path."""
-    for item in overrides:
-        if item.split(".", 1)[0] in ("model", "moe"):
-            raise UserError(f"override {item!r}: the model and moe sections of the export come "
-                            "from the checkpoint and --submodel; override the layout, train, "
-                            "data, logging or elastic sections only")
-    out, tmp = new_output(output, "--output")
-    if launch.read_launch_env().world_size != 1:
-        raise UserError("moue-export runs as one process (it loads the whole model); run it "
-                        "without torchrun")
-    path = checkpoint.resolve(load)
-    saved = checkpoint.saved_config(path)["config"]
-    dtype = f"train.precision={precision(checkpoint.stored_dtype(path))}"
-    cfg = load_config(None, [*ONE_CPU_PROCESS, dtype, "checkpoint.dir=null"], base=saved)
-    choices = cfg.elastic_choices()
-    if choices is None:
-        raise UserError("this checkpoint is of the dense model (model.moe_layer_freq=0): it has "
-                        "no sub-models to export")
-    sub = reachable_only(parse(text, choices, cfg.topology().window), cfg)
-    tree = submodel_tree(cfg, sub)
-    tree["checkpoint"] = {**tree["checkpoint"], "dir": str(out)}
-    for section, key in (("model", "transformer_impl"), ("moe", "expert_impl")):
-        tree[section] = {**tree[section], key: saved.get(section, {}).get(key, "auto")}
-    kept = {k: saved[k] for k in ("parallel", "data", "train") if k in saved}
-    target = load_config(None, overrides, base={**tree, **kept})
-    try:
-        check_run(target)
-    except UserError as err:
-        raise UserError(f"the exported sub-model ({sub.label}): {err}") from None
-    single = load_config(None, [*ONE_CPU_PROCESS, dtype, "checkpoint.dir=null"], base=tree)
-    layout, cpu = check_run(single, 1), torch.device("cpu")
-    with one_process(layout, cfg.train.seed) as pg:
-        full = build_chunk(cfg, layout, plan_run(cfg), cpu, pg, initialise=False)
-        checkpoint.load_model(path, full, cfg, pg)
-        # not initialised: every weight comes from the full model (load_state_dict is strict)
-        module = build_chunk(single, layout, plan_run(single), cpu, pg, initialise=False)
-        module.load_state_dict(submodel_state(full.state_dict(), cfg, sub, module.state_dict()))
-        del full
-        publish_new(out, tmp, module, target, target, pg, {"submodel.json": json.dumps(
-            {"source": str(path), "submodel": text, "exported": sub.label,
-             "layers": list(sub.layers), "experts": list(sub.experts), "topk": sub.topk},
-            indent=2) + "\n"})
     return out
