@@ -121,3 +121,24 @@ def test_conversion_memory_benchmark_measures_every_tool(tmp_path):
     assert [r["tool"] for r in rows] == ["transformers", "moue import", "moue export"]
     assert all(r["peak_rss"] > r["model_bytes"] > 0 and r["seconds"] > 0 for r in rows)
     assert "peak RSS GB" in proc.stdout
+
+
+@pytest.mark.slow
+def test_ep_balance_benchmark_reports_every_variant_and_layer(tmp_path):
+    from data_tools.corpus import build_stdlib_corpus
+    from data_tools.preprocess import preprocess
+
+    corpus = build_stdlib_corpus(tmp_path / "corpus", limit_bytes=2_000_000)
+    preprocess([str(corpus.train)], str(tmp_path / "stdlib"), "byte", append_eod=True,
+               progress=False)
+    out = tmp_path / "ep.json"
+    proc = subprocess.run([sys.executable, "benchmarks/ep_balance.py", "--preset", "smoke",
+                           "--data", str(tmp_path / "stdlib"), "--work-dir", str(tmp_path / "runs"),
+                           "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 4 and all(len(r["1-4"]["by_layer"]) == 4 for r in results.values())
+    assert all(r["1-4"]["worst_step"] >= 1.0 for r in results.values())
+    assert "tokens per EP rank" in proc.stdout

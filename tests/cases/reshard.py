@@ -16,7 +16,7 @@ from tests.distributed import Cases
 
 CASES = Cases()
 CONFIG = "examples/configs/tiny_cpu.yaml"
-SHORT = ["train.steps=4", "train.warmup_steps=1", "train.eval_interval=0",
+SHORT = ["moe.ep_balance_groups=2", "train.steps=4", "train.warmup_steps=1", "train.eval_interval=0",
          "train.global_batch_size=8", "train.micro_batch_size=2", "model.seq_length=64"]
 LAYOUTS = {"pp2": (1, 2, 1), "ep2": (1, 1, 2), "single": (1, 1, 1)}
 

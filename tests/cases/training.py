@@ -17,7 +17,10 @@ from tests.distributed import Cases
 
 CASES = Cases()
 CONFIG = "examples/configs/tiny_cpu.yaml"
-SHORT = ["train.steps=3", "train.warmup_steps=1", "train.eval_interval=3", "train.eval_iters=1",
+# moe.ep_balance_groups pinned: the EP-balance term then trains the same loss on every layout
+SHARED = ["moe.ep_balance_groups=2"]
+SHORT = [*SHARED, "train.steps=3", "train.warmup_steps=1", "train.eval_interval=3",
+         "train.eval_iters=1",
          "train.global_batch_size=8", "train.micro_batch_size=2", "model.seq_length=64",
          "logging.interval=1"]
 LAYOUTS = {"single": (1, 1, 1), "dp2": (1, 1, 1), "tp2": (2, 1, 1), "ep2": (1, 1, 2),
@@ -62,7 +65,7 @@ for _name in ("pp2", "tp2_ep2"):
 
 # --- Checkpoints: exact resume -----------------------------------------------------------------
 
-RESUME = ["train.steps=4", "train.warmup_steps=1", "train.eval_interval=0",
+RESUME = [*SHARED, "train.steps=4", "train.warmup_steps=1", "train.eval_interval=0",
           "train.global_batch_size=8", "train.micro_batch_size=2", "model.seq_length=64"]
 
 
