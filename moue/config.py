@@ -19,6 +19,7 @@ import yaml
 
 from moue.elastic.config import Choices, ElasticConfig, resolve
 from moue.model.balance import BALANCES
+from moue.model.recompute import RECOMPUTE_MODULES, UNSAFE
 from moue.model.topology import TOPOLOGIES, Topology, build_topology
 from moue.sections import (
     ARCHITECTURE,
@@ -32,19 +33,6 @@ from moue.sections import (
 )
 from parallel.capability import EXPERT_IMPLS, FP8_RECIPES, PRECISIONS, TRANSFORMER_IMPLS
 from parallel.errors import UserError
-
-# Megatron's selective-recompute modules moue allows, and those it refuses with the reason.
-RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "shared_experts")
-UNSAFE_RECOMPUTE = {
-    "moe": "recomputes whole MoE layers (Megatron's 'moe'), router included: the router's "
-           "trajectory state and the pool's load counts are side effects of its forward, and a "
-           "second forward under recompute would update them twice; use train.recompute=full "
-           "(built for this) or leave 'moe' out",
-    "moe_act": "keeps its recompute checkpoint on the expert module, and the pool is one module "
-               "serving every MoE layer: each layer would overwrite the previous layer's before "
-               "its backward; leave 'moe_act' out (or use train.recompute=full)",
-    "mla_up_proj": "needs multi-latent attention, which moue models do not have",
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,8 +289,8 @@ class TrainConfig(Section):
             check(self.recompute == "selective", "train.recompute_modules",
                   self.recompute_modules, "is read with train.recompute=selective only")
             for name in self.recompute_modules:
-                check(name not in UNSAFE_RECOMPUTE, "train.recompute_modules", name,
-                      UNSAFE_RECOMPUTE.get(name, ""))
+                check(name not in UNSAFE, "train.recompute_modules", name,
+                      UNSAFE.get(name, ""))
                 one_of("train.recompute_modules", name, RECOMPUTE_MODULES)
         check(self.lr > 0, "train.lr", self.lr, "must be a positive learning rate, e.g. 3e-4")
         check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr,

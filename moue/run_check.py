@@ -10,6 +10,7 @@ import math
 
 from moue.config import RunConfig
 from moue.elastic.microbatch import full_microbatches
+from moue.model.recompute import NEEDS_TRANSFORMER_ENGINE
 from parallel.capability import Capabilities, Plan, plan
 from parallel.errors import UserError
 from parallel.layout import ParallelLayout
@@ -22,12 +23,11 @@ def plan_run(cfg: RunConfig, caps: Capabilities | None = None) -> Plan:
     result = plan(caps or Capabilities.detect(), transformer_impl=m.transformer_impl,
                   expert_impl=moe.expert_impl, precision=t.precision, fp8_recipe=t.fp8_recipe,
                   has_experts=not m.dense, grad_accum_fusion=t.grad_accum_fusion)
-    if "layernorm" in (t.recompute_modules or []) and result.transformer_impl != "transformer_engine":
-        # tensor_parallel.CheckpointWithoutOutput() reads Transformer Engine's FP8 state even
-        # when FP8 is off (megatron-core 0.16.1 and 0.19): a NameError without TE.
-        raise UserError("train.recompute_modules: 'layernorm' needs Transformer Engine's layers "
-                        "(Megatron-Core's norm recompute calls into Transformer Engine); leave it "
-                        "out, or run where model.transformer_impl resolves to transformer_engine")
+    if result.transformer_impl != "transformer_engine":
+        for name in t.recompute_modules or []:
+            if name in NEEDS_TRANSFORMER_ENGINE:
+                raise UserError(f"train.recompute_modules: {name!r} "
+                                f"{NEEDS_TRANSFORMER_ENGINE[name]}")
     if result.grouped_gemm == "torch":  # torch._grouped_mm wants rows aligned to 16 bytes
         # (SwiGLU's gate and up, twice the expert FFN, are aligned when the FFN is.)
         align = 16 // (2 if result.precision == "bf16" else 4)

@@ -13,7 +13,8 @@ LAYERS = [
     ("data_tools",),
     ("moue", "moue.sections", "moue.outputs"),
     # what the config sections are made of: names and rules they validate against
-    ("moue.elastic.config", "moue.model.registry", "moue.model.topology", "moue.model.balance"),
+    ("moue.elastic.config", "moue.model.registry", "moue.model.topology", "moue.model.balance",
+     "moue.model.recompute"),
     ("moue.config",),
     ("moue.checkpoint",),
     ("moue.model",),

@@ -18,7 +18,7 @@ Decisions made here (docs/configuration.md):
   ``hybrid`` format (E4M3 forward, E5M2 gradients) and ``train.fp8_recipe``. The grouped pool
   pads each expert's tokens for the quantized GEMM (``moe_router_padding_for_quantization`` is
   left off: Megatron's ``TEGroupedMLP`` pads and unpads itself, and the universal router builds
-  its own routing map). Recompute follows ``train.recompute`` (moue.config for the refusals).
+  its own routing map). Recompute follows ``train.recompute`` (``moue.model.recompute``: its rules and fields).
 - Top-1 routing with post-softmax scores (softmax over the chosen logit: every gate is 1) is
   allowed, though Megatron's ``TransformerConfig`` refuses it: an elastic top-1 sub-model routes
   so, and its export (``moue-export``) must too. The config is built with top-2 and set to 1
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moue.config import ModelConfig, MoEConfig, TrainConfig
+from moue.model.recompute import megatron_fields
 from parallel.capability import Plan
 from parallel.layout import ParallelLayout
 
@@ -70,16 +71,6 @@ def _precision_fields(plan: Plan) -> dict:
     return fields
 
 
-def _recompute_fields(train: TrainConfig) -> dict:
-    if train.recompute == "full":  # every layer's input kept, the layer recomputed in backward
-        return dict(recompute_granularity="full", recompute_method="uniform",
-                    recompute_num_layers=1)
-    if train.recompute == "selective":
-        return dict(recompute_granularity="selective",
-                    recompute_modules=list(train.recompute_modules or ["core_attn"]))
-    return {}
-
-
 def _fusion_fields(plan: Plan, swiglu: bool) -> dict:
     on = plan.fusions
     # Megatron fuses the activation with a bias, or SwiGLU without one; moue has no biases.
@@ -110,7 +101,7 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, layout: ParallelLayou
         sequence_parallel=layout.sequence_parallel,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         **_fusion_fields(plan, swiglu), **_precision_fields(plan),
-        **_recompute_fields(train),
+        **megatron_fields(train.recompute, train.recompute_modules),
         use_cpu_initialization=not on_gpu, perform_initialization=initialise,
     )
     config.has_cond_embedder = layout.pp > 1  # sum pool/U gradients over pipeline stages
