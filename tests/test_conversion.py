@@ -372,3 +372,12 @@ def test_shards_take_views_and_repeated_tensors(tmp_path):
     read = load_file(tmp_path / "model.safetensors")
     assert all(read[n].dtype == torch.bfloat16 and torch.equal(read[n].float(), t)
                for n, t in tensors.items())
+
+
+def test_stored_dtypes_are_read_from_the_header_and_unknown_ones_named(tmp_path):
+    save_file({"a": torch.zeros(2, dtype=torch.bfloat16), "b": torch.zeros(2),
+               "c": torch.zeros(2).to(torch.float8_e4m3fn)}, tmp_path / "model.safetensors")
+    read = Tensors(tmp_path)
+    assert (read.dtype("a"), read.dtype("b")) == (torch.bfloat16, torch.float32)
+    with pytest.raises(UserError, match="'c' is stored as F8_E4M3; moue reads F32, BF16, F16"):
+        read.dtype("c")

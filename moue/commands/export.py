@@ -21,14 +21,13 @@ from moue.checkpoint import publish_new
 from moue.commands.standalone import (
     loaded_chunk,
     new_chunk,
+    new_output,
     one_process,
     one_process_config,
-    require_one_process,
 )
 from moue.config import load_config
 from moue.elastic.extract import reachable_only, submodel_state, submodel_tree
 from moue.elastic.submodel import parse
-from moue.outputs import new_output
 from moue.run_check import check_run
 from parallel.errors import UserError
 
@@ -40,8 +39,7 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
             raise UserError(f"override {item!r}: the model and moe sections of the export come "
                             "from the checkpoint and --submodel; override the layout, train, "
                             "data, logging or elastic sections only")
-    out, tmp = new_output(output, "--output")
-    require_one_process("moue-export")
+    out, tmp = new_output(output, "--output", "moue-export")
     path = checkpoint.resolve(load)
     saved = checkpoint.saved_config(path)["config"]
     dtype = checkpoint.stored_dtype(path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from moue import checkpoint
+from moue import checkpoint, outputs
 from moue.config import RunConfig, load_config
 from moue.model.chunk import build_chunk
 from moue.run_check import check_run, plan_run
@@ -47,6 +47,14 @@ def require_one_process(command: str) -> None:
     if launch.read_launch_env().world_size != 1:
         raise UserError(f"{command} runs as one process (it holds the whole model); run it "
                         "without torchrun")
+
+
+def new_output(output: str, flag: str, command: str) -> tuple[Path, Path]:
+    """The output path and its hidden staging twin (``moue.outputs``), checked before any
+    work, for ``command``, which runs as one process."""
+    paths = outputs.new_output(output, flag)
+    require_one_process(command)
+    return paths
 
 
 @contextlib.contextmanager

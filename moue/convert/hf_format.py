@@ -24,6 +24,7 @@ INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
 SHARD_BYTES = 4 * 2**30
+STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def read_config(directory: Path) -> dict:
@@ -73,7 +74,6 @@ class Tensors:
         if missing:
             raise UserError(f"{index}: lists shard(s) {', '.join(missing)} that are not in "
                             f"{directory}; download the missing files")
-        self._shapes: dict[str, list[int]] = {}
 
     @staticmethod
     def _names_in(path: Path) -> list[str]:
@@ -87,18 +87,34 @@ class Tensors:
     def names(self) -> set[str]:
         return set(self.files)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _file(self, name: str) -> Path:
         if name not in self.files:
             raise UserError(f"--hf {self.directory}: has no tensor {name!r}, which this "
                             "architecture's config.json requires; the weights and config.json do "
                             "not belong together (or the download is incomplete)")
-        path = self.files[name]
+        return self.files[name]
+
+    def _read(self, name: str, what):
+        """``what(open shard)`` for tensor ``name``'s shard, or a ``UserError`` naming it."""
+        path = self._file(name)
         try:
             with safe_open(path, "pt") as f:
-                return f.get_tensor(name)
+                return what(f)
         except (SafetensorError, OSError) as err:
             raise UserError(f"{path}: cannot read tensor {name!r} ({err}); the file is damaged "
                             "or incomplete: download it again") from None
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor ``name``, from its shard's header (no data read)."""
+        stored = self._read(name, lambda f: f.get_slice(name).get_dtype())
+        if stored not in STORED_DTYPES:
+            raise UserError(f"--hf {self.directory}: tensor {name!r} is stored as {stored}; moue "
+                            f"reads {', '.join(STORED_DTYPES)} weights: save the model in one of "
+                            "them (save_pretrained after model.to(torch.bfloat16))")
+        return STORED_DTYPES[stored]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._read(name, lambda f: f.get_tensor(name))
 
 
 def write_tensors(directory: Path, tensors: dict[str, torch.Tensor],

@@ -65,7 +65,7 @@ def import_hf(hf_dir: str, output: str, overrides: list[str], tokenizer: str | N
                         "directory (moue tokenizes training data with it)")
     check_tokenizer(str(tok), tree["model"]["vocab_size"], where)
     tensors = Tensors(source)
-    stored = tensors.get("model.embed_tokens.weight").dtype
+    stored = tensors.dtype("model.embed_tokens.weight")
     return write_imported(
         out, tmp, tree, str(tok), overrides,
         lambda cfg, module: to_moue(tensors, cfg, family, module),

@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 
 from data_tools.tokenizer import load_tokenizer
-from moue import outputs
 from moue.checkpoint import publish_new
+from moue.commands import standalone
 from moue.commands.standalone import (
     new_chunk,
     one_process,
     one_process_config,
-    require_one_process,
 )
 from moue.config import RunConfig, load_config, may_change_on_resume
 from moue.convert.hf_format import tokenizer_files
@@ -33,9 +32,8 @@ from parallel.errors import UserError
 
 
 def new_output(output: str, flag: str) -> tuple[Path, Path]:
-    """The output path and its hidden staging twin (``moue.outputs``); one process only."""
-    require_one_process("moue-convert")
-    return outputs.new_output(output, flag)
+    """``moue-convert``'s output path and its staging twin (``moue.commands.standalone``)."""
+    return standalone.new_output(output, flag, "moue-convert")
 
 
 def check_overrides(overrides: list[str], source: str) -> None:
