@@ -64,30 +64,15 @@ WARMUP = 3  # untimed steps first
 def _megatron_moe_trainer():
     """A Trainer whose model is Megatron-Core's own GPT with MoE from its own layer spec (local,
     or Transformer Engine's where the run plan has it): N private experts per layer, Megatron's
-    router and Switch aux loss; the same engine steps it."""
-    import dataclasses
-
-    from megatron.core.models.gpt import GPTModel
-
-    from moue.model.layer_specs import gpt_block_spec
+    router and Switch aux loss (``moue.model.builder.build_megatron_moe``); the same engine
+    steps it."""
+    from moue.model.builder import build_megatron_moe
     from moue.training.trainer import Trainer
 
     class MegatronMoETrainer(Trainer):
         def build_module(self, megatron_config):
             cfg = self.cfg
-            per_layer = cfg.moe.num_experts // len(cfg.model.moe_layers)
-            config = dataclasses.replace(
-                megatron_config, num_moe_experts=per_layer,
-                moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=cfg.moe.balance_coeff)
-            pp = self.pg.pp
-            return GPTModel(
-                config=config, transformer_layer_spec=gpt_block_spec(
-                    config, per_layer, te=self.plan.transformer_impl == "transformer_engine"),
-                vocab_size=cfg.model.vocab_size, max_sequence_length=cfg.model.seq_length,
-                pre_process=pp.rank() == 0, post_process=pp.rank() == pp.size() - 1,
-                share_embeddings_and_output_weights=cfg.model.tie_embeddings,
-                position_embedding_type="rope", rotary_base=cfg.model.rope_base,
-                pg_collection=self.pg)
+            return build_megatron_moe(cfg.model, cfg.moe, megatron_config, self.pg, self.plan)
 
     return MegatronMoETrainer
 

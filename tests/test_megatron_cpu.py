@@ -15,7 +15,7 @@ import pytest
 
 from parallel import cpu_backend
 from tests.distributed import launch, max_rel
-from tests.megatron_gpt import LAYOUTS
+from tests.equivalence import LAYOUTS
 
 pytestmark = pytest.mark.compat
 

@@ -9,7 +9,7 @@ Cases live in tests/cases/moue_model.py.
 import pytest
 
 from tests.distributed import launch, max_rel
-from tests.megatron_gpt import LAYOUTS
+from tests.equivalence import LAYOUTS
 
 pytestmark = pytest.mark.compat
 

@@ -11,6 +11,7 @@ Process groups are passed in (``pg_collection``), never fetched here.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -36,11 +37,7 @@ def build_model(model_cfg: ModelConfig, moe: MoEConfig, topology: Topology | Non
     layer spec and the pool (``parallel.capability.plan``)."""
     te = plan.transformer_impl == "transformer_engine"
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
-    gpt = partial(GPTModel, config=config, vocab_size=model_cfg.vocab_size,
-                  max_sequence_length=model_cfg.seq_length, pre_process=pp_rank == 0,
-                  post_process=pp_rank == pp_size - 1, share_embeddings_and_output_weights=model_cfg.tie_embeddings,
-                  position_embedding_type="rope", rotary_base=model_cfg.rope_base,
-                  pg_collection=pg_collection)
+    gpt = _gpt(model_cfg, config, pg_collection)
     if model_cfg.dense:
         return gpt(transformer_layer_spec=gpt_block_spec(config, None, te))
     embedding = (UniversalEmbedding(moe.num_experts, moe.router_state_dim, config.init_method,
@@ -76,6 +73,38 @@ def build_model(model_cfg: ModelConfig, moe: MoEConfig, topology: Topology | Non
         model.decoder.layers[0].unpack_state = pp_rank > 0
         model.decoder.layers[-1].pack_state = pp_rank < pp_size - 1
     return model
+
+
+def build_megatron_moe(model_cfg: ModelConfig, moe: MoEConfig, config: TransformerConfig,
+                       pg_collection, plan: Plan) -> GPTModel:
+    """Megatron-Core's own GPT with MoE for the same config, no MoUE module: every layer an MoE
+    layer of ``moe.num_experts / num_layers`` private experts behind Megatron's router and its
+    Switch aux loss. The standard-MoE baseline that benchmarks and tests step on moue's engine.
+    Megatron sums its per-layer aux losses where moue's ``per_layer`` balance averages them, so
+    its coefficient is ``moe.balance_coeff / num_layers``: the same config weighs the same loss."""
+    layers = model_cfg.num_layers
+    if model_cfg.moe_layer_freq != 1 or moe.num_experts % layers:
+        raise ValueError(f"Megatron's MoE baseline puts moe.num_experts={moe.num_experts} "
+                         f"evenly on all {layers} layers; it needs model.moe_layer_freq=1 "
+                         f"(got {model_cfg.moe_layer_freq}) and a multiple of {layers} experts")
+    per_layer = moe.num_experts // layers
+    config = dataclasses.replace(config, num_moe_experts=per_layer,
+                                 moe_router_load_balancing_type="aux_loss",
+                                 moe_aux_loss_coeff=moe.balance_coeff / layers)
+    te = plan.transformer_impl == "transformer_engine"
+    return _gpt(model_cfg, config, pg_collection)(
+        transformer_layer_spec=gpt_block_spec(config, per_layer, te))
+
+
+def _gpt(model_cfg: ModelConfig, config: TransformerConfig, pg_collection) -> partial:
+    """``GPTModel`` for this pipeline stage, less its layer spec."""
+    pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
+    return partial(GPTModel, config=config, vocab_size=model_cfg.vocab_size,
+                   max_sequence_length=model_cfg.seq_length, pre_process=pp_rank == 0,
+                   post_process=pp_rank == pp_size - 1,
+                   share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+                   position_embedding_type="rope", rotary_base=model_cfg.rope_base,
+                   pg_collection=pg_collection)
 
 
 def _register_shared(decoder: torch.nn.Module, pool, shared: SharedRouting) -> None:

@@ -3,7 +3,10 @@
 ``Trainer`` builds, in order: the model (``moue.model.builder``), the engine
 (``moue.training.engine``: DDP, optimizer, schedule) and the datasets
 (``data_tools.megatron_data``). ``fit()`` steps it; step metrics are derived in
-``moue.training.metrics`` and checkpoints written by ``moue.training.checkpoint``.
+``moue.training.metrics`` and checkpoints written by ``moue.training.checkpoint``. Each build
+is a method a subclass may override (``build_module``, ``build_engine``, ``build_datasets``):
+the tests swap the data for random tokens, or the model for Megatron's own GPT MoE, and keep
+everything else.
 
 Elastic training (``elastic.enabled``): under ``elastic.granularity=microbatch`` each micro-batch's
 draw (``moue.elastic.microbatch``: None for the full model, else per-sample sub-models) is put
@@ -48,7 +51,7 @@ from moue.model.widening import set_widening
 from moue.run_check import check_run, check_training, local_attention_warning, plan_run
 from moue.training import checkpoint
 from moue.training.batches import TrainBatches, collate
-from moue.training.engine import build_engine, build_forward_engine
+from moue.training.engine import Engine, build_engine, build_forward_engine
 from moue.training.metrics import (
     FamilyLosses,
     MetricsLogger,
@@ -115,11 +118,10 @@ class Trainer:
         model = build_chunk(cfg.model, cfg.moe, cfg.train, cfg.topology(), layout, self.plan,
                             device, self.pg, build=self.build_module)
         self.balances = balance_modules([model])
-        self.engine = (build_engine(model, model.config, cfg.train) if training
-                       else build_forward_engine(model))
+        self.engine = self.build_engine(model) if training else build_forward_engine(model)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         try:
-            self.train_data, self.valid_data = self._datasets() if datasets else (None, None)
+            self.train_data, self.valid_data = self.build_datasets() if datasets else (None, None)
         except BaseException:  # a refused dataset (say, its vocabulary): no Trainer to close
             self.engine.close()
             raise
@@ -145,6 +147,12 @@ class Trainer:
         A subclass may build another model on the same engine."""
         cfg = self.cfg
         return build_model(cfg.model, cfg.moe, cfg.topology(), megatron_config, self.pg, self.plan)
+
+    def build_engine(self, module: torch.nn.Module) -> Engine:
+        """What trains the chunk: Megatron DDP, its distributed optimizer and the LR schedule
+        (``moue.training.engine``). A subclass may step with another (the tests compare
+        Megatron's plain optimizer with it)."""
+        return build_engine(module, module.config, self.cfg.train)
 
     # --- checkpointed state beside the model and the optimizer ---
 
@@ -231,7 +239,10 @@ class Trainer:
 
     # --- data ---
 
-    def _datasets(self):
+    def build_datasets(self) -> tuple:
+        """The training and validation splits (``data``): Megatron's GPT datasets, or its mock
+        tokens. A subclass may give others; a sample is a dict of the ``BATCH_KEYS`` of
+        ``moue.training.batches`` (tokens, labels, loss_mask, position_ids: each [seq_length])."""
         cfg, t = self.cfg, self.cfg.train
         blend = cfg.data.blend or ([cfg.data.path] if cfg.data.path else None)
         tokenizer = None if cfg.data.mock else load_tokenizer(cfg.data.tokenizer)

@@ -37,7 +37,7 @@ from moue.model.layer_specs import submodules_of, torch_grouped_experts_spec
 from parallel.launch import init_model_parallel, seed_everything
 from parallel.layout import ParallelLayout
 from tests.distributed import Cases
-from tests.megatron_gpt import fill_by_global_key
+from tests.equivalence import fill_by_global_key
 
 CASES = Cases()
 COMMON = dict(num_layers=4, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,

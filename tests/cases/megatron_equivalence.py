@@ -1,4 +1,5 @@
-"""Cases: Megatron-Core itself on CPU processes, before any MoUE code (see test_megatron_cpu.py)."""
+"""Cases: Megatron-Core's own GPT with MoE (no MoUE module) on moue's Trainer, on CPU processes
+(see test_megatron_cpu.py)."""
 
 import traceback
 from functools import partial
@@ -7,26 +8,35 @@ import torch
 from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+from moue.training.engine import build_engine
 from parallel import cpu_backend
 from parallel.launch import init_model_parallel
 from parallel.layout import ParallelLayout
 from tests.distributed import Cases
-from tests.megatron_gpt import LAYOUTS, TinyGPT, layout_for, megatron_builder, train
+from tests.equivalence import LAYOUTS, STANDARD, MegatronMoE, layout_for, tiny, train
 
 CASES = Cases()
+FUSED = "train.grad_accum_fusion=true"  # Megatron's linears write main_grad (apex's kernel)
 
-def _train(layout: str, world_size: int, shape: TinyGPT | None = None, **kwargs) -> dict:
-    run = train(megatron_builder(shape or TinyGPT()), layout_for(layout, world_size), **kwargs)
+
+class _PlainOptimizer(MegatronMoE):
+    """Megatron's plain (not distributed) optimizer: every rank keeps the whole Adam state."""
+
+    def build_engine(self, module):
+        return build_engine(module, module.config, self.cfg.train, distributed_optimizer=False)
+
+
+def _train(layout: str, world_size: int, *overrides: str, trainer=MegatronMoE) -> dict:
+    run = train(tiny(*STANDARD, *overrides), layout_for(layout, world_size), trainer=trainer)
     return {"losses": run["losses"], "grad_norms": run["grad_norms"]}
 
 
 CASES.add("gpt_train[single]", partial(_train, "single", 1), nproc=1)
 for _name in LAYOUTS:
     CASES.add(f"gpt_train[{_name}]", partial(_train, _name, 2), nproc=2)
-CASES.add("gpt_train[single_fused]",
-          partial(_train, "single", 1, shape=TinyGPT(grad_accum_fusion=True)), nproc=1)
+CASES.add("gpt_train[single_fused]", partial(_train, "single", 1, FUSED), nproc=1)
 CASES.add("gpt_train[dp2_plain_optimizer]",
-          partial(_train, "dp2", 2, distributed_optimizer=False), nproc=2)
+          partial(_train, "dp2", 2, trainer=_PlainOptimizer), nproc=2)
 
 
 def _deepest_megatron_frame(err: BaseException) -> str:
@@ -40,9 +50,10 @@ def _without(name: str, layout: str, world_size: int) -> dict:
         return {"applies": False}  # this Megatron-Core release needs no adaptation here
     cpu_backend.enable(skip={name})
     # apex's kernels are called only with gradient-accumulation fusion
-    shape = TinyGPT(grad_accum_fusion=name == "apex_wgrad_kernels")
+    fused = (FUSED,) if name == "apex_wgrad_kernels" else ()
     try:
-        train(megatron_builder(shape), layout_for(layout, world_size), steps=1)
+        train(tiny(*STANDARD, *fused), layout_for(layout, world_size), steps=1,
+              trainer=MegatronMoE)
     except Exception as err:
         return {"applies": True, "error": f"{type(err).__name__}: {err}"[:300],
                 "megatron_file": _deepest_megatron_frame(err)}

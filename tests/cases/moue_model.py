@@ -7,18 +7,18 @@ from megatron.core import parallel_state
 
 from moue.elastic.apply import apply_submodel
 from moue.elastic.submodel import SubModel
-from parallel.launch import init_model_parallel, seed_everything
 from tests.distributed import Cases
-from tests.megatron_gpt import (
+from tests.equivalence import (
     LAYOUTS,
-    TinyGPT,
-    batch,
+    STANDARD,
+    OnRandomTokens,
+    build,
     fill_by_global_key,
     layout_for,
-    megatron_builder,
+    random_batch,
+    tiny,
     train,
 )
-from tests.moue_gpt import moue_builder, tiny
 
 CASES = Cases()
 
@@ -38,11 +38,11 @@ def _pool_replicas_identical(model) -> bool | None:
 
 # lr 3e-3: at 1e-2 two Adam steps on this tiny model amplify float reordering under TP (SP
 # reductions) to ~1e-5 in the grad norm (measured: 1.2e-5 at 1e-2, 3.5e-7 at 3e-3, 3e-8 at 1e-3).
-LR = 3e-3
+LR = ("train.lr=3e-3", "train.min_lr=3e-3")
 
 
 def _train(layout: str, world_size: int, *overrides: str) -> dict:
-    run = train(moue_builder(tiny(*overrides)), layout_for(layout, world_size), lr=LR)
+    run = train(tiny(*LR, *overrides), layout_for(layout, world_size))
     return {"losses": run["losses"], "grad_norms": run["grad_norms"],
             "balance_loss": run["balance_loss"],
             "replicas_identical": _pool_replicas_identical(run["model"])}
@@ -72,8 +72,7 @@ for _name in ("single", *LAYOUTS):
 def _options_reach_the_modules() -> dict:
     """Where each option lands in the built model (one process)."""
     lay = layout_for("single", 1)
-    init_model_parallel(lay)
-    model = moue_builder(tiny(*OPTIONS))(lay, 1).model
+    model = build(tiny(*OPTIONS), lay)
     attention = model.decoder.layers[0].self_attention
     return {"inv_freq_1": model.rotary_pos_emb.inv_freq[1].item(),
             "head_dim": model.config.kv_channels,
@@ -90,7 +89,7 @@ CASES.add("options_reach_the_modules", _options_reach_the_modules, nproc=1)
 
 
 def _train_variant(layout: str, world_size: int) -> dict:
-    run = train(moue_builder(tiny(*VARIANT)), layout_for(layout, world_size), lr=LR)
+    run = train(tiny(*LR, *VARIANT), layout_for(layout, world_size))
     bias = run["model"].module.decoder.pool_balance.bias_E
     return {"losses": run["losses"], "grad_norms": run["grad_norms"], "bias": bias.tolist(),
             "ep_balance_loss": run["ep_balance_loss"]}
@@ -105,9 +104,9 @@ CASES.add("moue_variant[ep2]", partial(_train_variant, "ep2", 2), nproc=2)
 L, N = 4, 4  # layers, experts per layer: the MoUE pool has E = L*N = 16
 
 
-def _one_step(model, data):
+def _one_step(model, cfg):
     """Logits of a fixed batch and the gradients of one backward (CE loss + balance loss)."""
-    tokens = batch(data, 0)[:2]
+    tokens = random_batch(cfg, 0)[:2]
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
     logits = model(inputs, positions, attention_mask=None)
@@ -131,38 +130,33 @@ def _expert_grads(experts_by_pool_id, ep_group):
 
 def _standard_vs_megatron(layout: str, world_size: int, swiglu: bool = False) -> dict:
     lay = layout_for(layout, world_size)
-    init_model_parallel(lay)
-    seed_everything(3)
-    shape = TinyGPT(num_experts=N, topk=2, ffn_hidden_size=64, aux_loss_coeff=0.01, swiglu=swiglu)
     fc1 = 128 if swiglu else 64  # SwiGLU's fc1 holds gate and up
-    meg = megatron_builder(shape)(lay, 3)
-    fill_by_global_key(meg.model, 3)
-    # per_layer balance, scaled by L, is Megatron's per-layer aux loss summed over layers.
-    cfg = tiny("moe.topology=standard", f"moe.num_experts={L * N}", "moe.expert_ffn_hidden_size=64",
-               "moe.router_state_dim=0", "moe.balance=per_layer", f"moe.balance_coeff={0.01 * L}",
-               f"model.activation={'swiglu' if swiglu else 'gelu'}")
-    ours = moue_builder(cfg)(lay, 3)
+    # One config for both: Megatron's aux loss per layer at coeff / L is moue's per_layer balance.
+    cfg = tiny(*STANDARD, f"model.activation={'swiglu' if swiglu else 'gelu'}")
+    meg = build(cfg, lay, megatron=True)
+    fill_by_global_key(meg, 3)
+    ours = build(cfg, lay)
     aliases = {f"decoder.expert_pool.experts.{n}.weight":
                (f"decoder.layers.mlp.experts.experts.{n}.weight", (L, N, *s))
                for n, s in (("linear_fc1", (fc1, 32)), ("linear_fc2", (32, 64)))}
-    fill_by_global_key(ours.model, 3, aliases)
-    meg_logits, our_logits = _one_step(meg.model, meg.data), _one_step(ours.model, ours.data)
+    fill_by_global_key(ours, 3, aliases)
+    meg_logits, our_logits = _one_step(meg, cfg), _one_step(ours, cfg)
 
     ep_group = parallel_state.get_expert_model_parallel_group()
     ep_rank, n_local = ep_group.rank(), N // ep_group.size()
     meg_experts = {l * N + ep_rank * n_local + j: e
-                   for l, layer in enumerate(meg.model.decoder.layers)
+                   for l, layer in enumerate(meg.decoder.layers)
                    for j, e in enumerate(layer.mlp.experts.local_experts)}
-    pool = ours.model.decoder.expert_pool
+    pool = ours.decoder.expert_pool
     our_experts = dict(zip(pool.pool_ids(), pool.local_experts, strict=True))
     meg_g, our_g = _expert_grads(meg_experts, ep_group), _expert_grads(our_experts, ep_group)
-    dense = {n: p.grad for n, p in meg.model.named_parameters() if "experts" not in n}
+    dense = {n: p.grad for n, p in meg.named_parameters() if "experts" not in n}
     return {
         "logits": (our_logits - meg_logits).abs().max().item(),
         "logits_scale": meg_logits.abs().max().item(),
         "dense_grads": max((p.grad - dense[n]).abs().max().item()
-                           for n, p in ours.model.named_parameters() if n in dense),
-        "dense_params_compared": sum(n in dense for n, _ in ours.model.named_parameters()),
+                           for n, p in ours.named_parameters() if n in dense),
+        "dense_params_compared": sum(n in dense for n, _ in ours.named_parameters()),
         "expert_grads": max((our_g[k] - meg_g[k]).abs().max().item() for k in our_g),
         "grad_scale": max(g.abs().max().item() for g in meg_g.values()),
         "placement": pool.pool_ids(),
@@ -196,26 +190,23 @@ class _PrivateCopy(torch.nn.Module):
             return getattr(self.pool, name)
 
 
-def _one_process_model(*overrides: str, seed: int = 5):
-    lay = layout_for("single", 1)
-    init_model_parallel(lay)
-    seed_everything(seed)
-    built = moue_builder(tiny(*overrides))(lay, seed)
-    fill_by_global_key(built.model, seed)
-    return built
+def _one_process_model(*overrides: str):
+    """The tiny model in one process, and its config."""
+    cfg = tiny(*overrides)
+    return build(cfg, layout_for("single", 1)), cfg
 
 
 def _pool_grad_is_sum_of_layer_grads() -> dict:
-    built = _one_process_model("moe.router_state_dim=0", "moe.balance=none")
-    model, pool = built.model, built.model.decoder.expert_pool
-    _one_step(model, built.data)
+    model, cfg = _one_process_model("moe.router_state_dim=0", "moe.balance=none")
+    pool = model.decoder.expert_pool
+    _one_step(model, cfg)
     shared = {n: p.grad.clone() for n, p in pool.named_parameters()}
     model.zero_grad()
     copies = []
     for layer in model.decoder.layers:
         copies.append(_PrivateCopy(pool))
         layer.mlp.__dict__["experts"] = copies[-1]
-    _one_step(model, built.data)
+    _one_step(model, cfg)
     # A copy's experts outside its layer's window get no tokens, so no gradient (None).
     grad = lambda c, n: 0 if c.params[n].grad is None else c.params[n].grad  # noqa: E731
     summed = {n: sum(grad(c, n) for c in copies) for n in shared}
@@ -228,7 +219,7 @@ def _pool_grad_is_sum_of_layer_grads() -> dict:
             "exposure": tiny().topology().exposure_E.tolist()}
 
 
-def _router_logits(model, data) -> list:
+def _router_logits(model, cfg) -> list:
     """Logits of every MoE layer's router for a fixed batch, and each layer's routing map."""
     captured = []
     for layer in model.decoder.layers:
@@ -241,39 +232,38 @@ def _router_logits(model, data) -> list:
 
         router.gating = gating
     with torch.no_grad():
-        _one_step_no_grad(model, data)
+        _one_step_no_grad(model, cfg)
     for layer in model.decoder.layers:
         del layer.mlp.router.gating
     return captured
 
 
-def _one_step_no_grad(model, data):
-    tokens = batch(data, 0)[:2, :-1]
+def _one_step_no_grad(model, cfg):
+    tokens = random_batch(cfg, 0)[:2, :-1]
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     return model(tokens, positions, attention_mask=None)
 
 
 def _state_off_equals_zero_state() -> dict:
-    stateless = _one_process_model("moe.router_state_dim=0")
-    stateful = _one_process_model("moe.router_state_dim=8")
-    stateful.model.decoder.expert_embedding.weight.data.zero_()
-    a, b = _one_step(stateless.model, stateless.data), _one_step(stateful.model, stateful.data)
-    grads_a = dict(stateless.model.named_parameters())
+    stateless, cfg = _one_process_model("moe.router_state_dim=0")
+    stateful, _ = _one_process_model("moe.router_state_dim=8")
+    stateful.decoder.expert_embedding.weight.data.zero_()
+    a, b = _one_step(stateless, cfg), _one_step(stateful, cfg)
+    grads_a = dict(stateless.named_parameters())
     same_grads = all(torch.equal(p.grad, grads_a[n].grad)
-                     for n, p in stateful.model.named_parameters() if n in grads_a)
+                     for n, p in stateful.named_parameters() if n in grads_a)
     return {"logits_equal": torch.equal(a, b), "grads_equal": same_grads}
 
 
 def _state_carries_earlier_choices(state_dim: int) -> dict:
     """Zero every expert's output (so hidden states ignore routing), change layer 0's routing:
     does layer 1's router see it?"""
-    built = _one_process_model(f"moe.router_state_dim={state_dim}")
-    model = built.model
+    model, cfg = _one_process_model(f"moe.router_state_dim={state_dim}")
     for expert in model.decoder.expert_pool.local_experts:
         expert.linear_fc2.weight.data.zero_()
-    before = _router_logits(model, built.data)
+    before = _router_logits(model, cfg)
     model.decoder.layers[0].mlp.router.weight.data.mul_(-1.0)
-    after = _router_logits(model, built.data)
+    after = _router_logits(model, cfg)
     choices = lambda logits: logits.view(-1, logits.shape[-1]).topk(2).indices.sort().values  # noqa: E731
     return {"layer0_choices_changed": not torch.equal(choices(before[0]), choices(after[0])),
             "layer1_logits_changed": not torch.equal(before[1], after[1])}
@@ -309,9 +299,8 @@ def _built_param_count(name: str) -> dict:
 
     cfg = tiny(*DRY_RUN_CONFIGS[name])
     lay = layout_for("single", 1)
-    init_model_parallel(lay)
-    built = moue_builder(cfg)(lay, 1)
-    return {"built": sum(p.numel() for p in built.model.parameters()),
+    model = build(cfg, lay)
+    return {"built": sum(p.numel() for p in model.parameters()),
             "dry_run": report(cfg, world_size=1)["params_total"]}
 
 
@@ -324,11 +313,11 @@ for _name in DRY_RUN_CONFIGS:
 
 def _elastic_hooks() -> dict:
     """Experts 0 and 5 masked out, top-1, layer 2 skipped: what the pool's counts show."""
-    built = _one_process_model()
-    model, balance = built.model, built.model.decoder.pool_balance
+    model, cfg = _one_process_model()
+    balance = model.decoder.pool_balance
     apply_submodel(model, SubModel(layers=(0, 1, 3), experts=(1, 2, 3, 4, 6, 7), topk=1))
     balance.counts_LE.zero_()
-    _one_step(model, built.data)
+    _one_step(model, cfg)
     counts = balance.counts_E.clone()
     return {"counts": counts.tolist(), "total": counts.sum().item()}
 
@@ -341,13 +330,17 @@ CASES.add("elastic_hooks", _elastic_hooks, nproc=1)
 SUB = SubModel(layers=(0, 1, 3), experts=(0, 1, 4, 5), topk=1)
 
 
-def _train_submodel(layout: str, world_size: int) -> dict:
-    def build_fn(layout_, seed):
-        built = moue_builder(tiny())(layout_, seed)
-        apply_submodel(built.model, SUB)
-        return built
+class _FixedSubModel(OnRandomTokens):
+    """Trains ``SUB`` at every step: put onto the chunk as it is built."""
 
-    run = train(build_fn, layout_for(layout, world_size), lr=LR)
+    def build_module(self, megatron_config):
+        module = super().build_module(megatron_config)
+        apply_submodel(module, SUB)
+        return module
+
+
+def _train_submodel(layout: str, world_size: int) -> dict:
+    run = train(tiny(*LR), layout_for(layout, world_size), trainer=_FixedSubModel)
     return {"losses": run["losses"], "grad_norms": run["grad_norms"],
             "balance_loss": run["balance_loss"]}
 
