@@ -6,10 +6,12 @@ variant, in one process each, with the EP-balance term over ``--ep`` rank groups
 (``moe.ep_balance_groups``) and the figure taken for ``--ep`` ranks
 (``logging.ep_balance_ranks``): what a run under ``parallel.ep=--ep`` trains, since the loss and
 the routing do not depend on the layout (the layout tests check it). Two runs at a time, one
-thread each. Prints, per variant, each layer's mean max/mean over the windows of steps given
-and the worst single step, and the final held-out loss.
+thread each. Prints, per variant, each layer's mean max/mean over the windows of steps given,
+the worst single step, the max/mean of each layer's tokens per rank summed over the window (the
+lasting imbalance; what the per-step mean adds to it is each batch's own), and the final
+held-out loss.
 
-    python benchmarks/ep_balance.py --data runs/demo/data/stdlib            # ~6 minutes
+    python benchmarks/ep_balance.py --data runs/demo/data/stdlib            # ~8 minutes
     python benchmarks/ep_balance.py --preset smoke --data DATA --work-dir DIR
 """
 
@@ -26,12 +28,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# name: overrides. "groups=2" is the EP degree the shipped config pinned before it followed
-# parallel.ep; the rest balance over the --ep groups with rising coefficients.
-VARIANTS = {"groups=2, coeff 0.1": ["moe.ep_balance_groups=2", "moe.ep_balance_coeff=0.1"],
-            "coeff 0.1 (shipped)": ["moe.ep_balance_coeff=0.1"],
-            "coeff 0.3": ["moe.ep_balance_coeff=0.3"],
-            "coeff 1.0": ["moe.ep_balance_coeff=1.0"]}
+# name: overrides. The shipped config (the Switch term at 0.1), the term alone at a higher
+# coefficient, and the selection bias per layer and rank group (moe.ep_balance_rate) with the
+# term and without it.
+VARIANTS = {"coeff 0.1, no bias (shipped)": ["moe.ep_balance_coeff=0.1",
+                                            "moe.ep_balance_rate=0"],
+            "coeff 0.3, no bias": ["moe.ep_balance_coeff=0.3", "moe.ep_balance_rate=0"],
+            "coeff 0.1, rate 3e-4": ["moe.ep_balance_coeff=0.1", "moe.ep_balance_rate=3e-4"],
+            "coeff 0.1, rate 1e-3": ["moe.ep_balance_coeff=0.1", "moe.ep_balance_rate=1e-3"],
+            "coeff 0.1, rate 3e-3": ["moe.ep_balance_coeff=0.1", "moe.ep_balance_rate=3e-3"],
+            "rate 1e-3, no term": ["moe.ep_balance_coeff=0", "moe.ep_balance_rate=1e-3"]}
 PRESETS = {"cpu": {"steps": 600, "windows": [(101, 200), (101, 600)]},
            "smoke": {"steps": 4, "windows": [(1, 4)]}}
 
@@ -56,9 +62,14 @@ def figures(metrics: Path, windows: list[tuple[int, int]]) -> dict:
     steps = [r for r in rows if "ep_load_max_over_mean_by_layer" in r]
     result = {"val_loss": [r["val_loss"] for r in rows if "val_loss" in r][-1]}
     for lo, hi in windows:
-        chosen = [r["ep_load_max_over_mean_by_layer"] for r in steps if lo <= r["step"] <= hi]
+        window = [r for r in steps if lo <= r["step"] <= hi]
+        chosen = [r["ep_load_max_over_mean_by_layer"] for r in window]
+        # tokens per layer and rank summed over the window: the balance of the mean load
+        summed_LR = [[sum(col) for col in zip(*layer, strict=True)]
+                     for layer in zip(*(r["ep_rank_tokens_by_layer"] for r in window), strict=True)]
         result[f"{lo}-{hi}"] = {"by_layer": [statistics.mean(c) for c in zip(*chosen, strict=True)],
-                                "worst_step": max(max(s) for s in chosen)}
+                                "worst_step": max(max(s) for s in chosen),
+                                "of_mean_by_layer": [max(r) / statistics.mean(r) for r in summed_LR]}
     return result
 
 
@@ -80,13 +91,15 @@ def main(argv=None) -> int:
         runs = dict(zip(VARIANTS, paths, strict=True))
     results = {name: figures(path, preset["windows"]) for name, path in runs.items()}
     print(f"EP={args.ep}, {preset['steps']} steps, {time.perf_counter() - start:.0f} s\n")
-    print("| variant | steps | max/mean tokens per EP rank, by layer | worst step | held-out loss |")
-    print("|---|---|---|---|---|")
+    print("| variant | steps | max/mean tokens per EP rank, by layer (mean of steps) | worst step "
+          "| of the window's summed tokens | held-out loss |")
+    print("|---|---|---|---|---|---|")
     for name, result in results.items():
         for lo, hi in preset["windows"]:
             window = result[f"{lo}-{hi}"]
             layers = " / ".join(f"{x:.3f}" for x in window["by_layer"])
-            print(f"| {name} | {lo}-{hi} | {layers} | {window['worst_step']:.2f} | "
+            of_mean = " / ".join(f"{x:.3f}" for x in window["of_mean_by_layer"])
+            print(f"| {name} | {lo}-{hi} | {layers} | {window['worst_step']:.2f} | {of_mean} | "
                   f"{result['val_loss']:.4f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"ep": args.ep, "preset": args.preset,

@@ -12,6 +12,8 @@ parameters per token (top-k experts of the same size) and, for the MoE variants,
   moue-perlayer the same with per-layer balance instead of UELB
   moue-epbal    moue plus the per-layer balance over expert-parallel groups
                 (moe.ep_balance_coeff, groups = --ep-ranks)
+  moue-epbias   moue-epbal plus the selection bias per layer and EP group
+                (moe.ep_balance_rate = --ep-rate)
   dense         no experts: every MLP as wide as top-k experts (same activated parameters)
 Total parameters of the MoE variants differ only by the routers' window rows and U.
 
@@ -91,8 +93,8 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 DATA_SEED = 1234  # one sample order and one held-out sample for every run; seeds vary the init
 
 
-def variants(preset: Preset, ep_ranks: int = 4,
-             ep_coeff: float = 0.1) -> dict[str, tuple[str, list[str]]]:
+def variants(preset: Preset, ep_ranks: int = 4, ep_coeff: float = 0.1,
+             ep_rate: float = 1e-3) -> dict[str, tuple[str, list[str]]]:
     """Name -> (description, overrides) of the compared models under a preset."""
     from moue.config import load_config
 
@@ -101,6 +103,7 @@ def variants(preset: Preset, ep_ranks: int = 4,
     pool = shape.model.num_layers * n
     moue = [f"moe.num_experts={pool}", "moe.topology=rotational", f"moe.window={2 * n}",
             f"moe.stride={n}", "moe.router_state_dim=32", "moe.balance=uelb"]
+    epbal = [*moue, f"moe.ep_balance_coeff={ep_coeff}", f"moe.ep_balance_groups={ep_ranks}"]
     expert_ffn, topk = shape.moe.expert_ffn_hidden_size, shape.moe.topk
     return {
         "moe": (f"standard MoE, {n} experts per layer", [
@@ -109,8 +112,9 @@ def variants(preset: Preset, ep_ranks: int = 4,
         "moue": (f"MoUE, window {2 * n}, state, UELB", moue),
         "moue-nostate": ("MoUE without the state", [*moue, "moe.router_state_dim=0"]),
         "moue-perlayer": ("MoUE, per-layer balance", [*moue, "moe.balance=per_layer"]),
-        "moue-epbal": (f"MoUE + EP balance {ep_coeff}", [
-            *moue, f"moe.ep_balance_coeff={ep_coeff}", f"moe.ep_balance_groups={ep_ranks}"]),
+        "moue-epbal": (f"MoUE + EP balance {ep_coeff}", epbal),
+        "moue-epbias": (f"MoUE + EP balance {ep_coeff}, EP bias {ep_rate:g}", [
+            *epbal, f"moe.ep_balance_rate={ep_rate}"]),
         "dense": (f"dense, MLP {topk} x {expert_ffn}", [
             "model.moe_layer_freq=0", f"model.ffn_hidden_size={topk * expert_ffn}"]),
     }
@@ -237,12 +241,14 @@ def main(argv=None) -> int:
     parser.add_argument("--ep-ranks", type=int, default=4,
                         help="EP degree of the per-layer tokens-per-rank figure and of moue-epbal")
     parser.add_argument("--ep-coeff", type=float, default=0.1,
-                        help="moe.ep_balance_coeff of the moue-epbal variant")
+                        help="moe.ep_balance_coeff of the moue-epbal and moue-epbias variants")
+    parser.add_argument("--ep-rate", type=float, default=1e-3,
+                        help="moe.ep_balance_rate of the moue-epbias variant")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run, "
                                                      "e.g. train.steps=400")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    names_overrides = variants(preset, args.ep_ranks, args.ep_coeff)
+    names_overrides = variants(preset, args.ep_ranks, args.ep_coeff, args.ep_rate)
     chosen = ["moe", *(v for v in (args.variants or names_overrides) if v != "moe")]
     unknown = [v for v in chosen if v not in names_overrides]
     if unknown:

@@ -164,6 +164,10 @@ class MoEConfig(Section):
         0, "the number of rank groups that term balances (pool expert `e` in group `e mod G`); "
         "0: `parallel.ep`. Set it to the EP degree of the production run: the loss is then the "
         "same under every layout", resume=MAY_CHANGE)
+    ep_balance_rate: float = setting(
+        0.0, "per-step move of a selection bias per MoE layer and rank group toward even "
+        "tokens per group ([concepts](concepts.md#balance-over-expert-parallel-ranks)); 0: "
+        "off", resume=MAY_CHANGE)
     eligibility: list[list[int]] | None = setting(
         None, "with `topology: explicit` only: one list of pool ids per MoE layer, all of the "
         "same length (what `moue-export` writes for a sub-model)", resume=ARCHITECTURE)
@@ -198,7 +202,8 @@ class MoEConfig(Section):
         one_of("moe.expert_impl", self.expert_impl, EXPERT_IMPLS)
         check(self.ep_balance_groups >= 0, "moe.ep_balance_groups", self.ep_balance_groups,
               "must be an integer >= 0 (0: parallel.ep)")
-        for n in ("balance_coeff", "aux_free_rate", "z_loss_coeff", "ep_balance_coeff"):
+        for n in ("balance_coeff", "aux_free_rate", "z_loss_coeff", "ep_balance_coeff",
+                  "ep_balance_rate"):
             check(getattr(self, n) >= 0, f"moe.{n}", getattr(self, n), "must be >= 0")
         check(self.shared_experts > 0 or not self.shared_expert_gate, "moe.shared_expert_gate",
               self.shared_expert_gate, "gates the shared experts: set moe.shared_experts > 0, "

@@ -33,11 +33,11 @@ def mark_pipeline_replicas(params: Iterable[torch.nn.Parameter], pp_group) -> No
 @torch.no_grad()
 def finish_step_loads(balances: Iterable, group=None) -> torch.Tensor | None:
     """Sum each balance module's per-layer step counts over ``group`` (default: all ranks) and
-    hand the pool's column sums back as the next step's loads. Returns the summed [L, E] counts
+    hand them back (the next step's loads and selection biases). Returns the summed [L, E] counts
     (every layer's, from every stage) of the last module, for logging."""
     summed = None
     for balance in balances:
         summed = balance.counts_LE.clone()
         torch.distributed.all_reduce(summed, group=group)
-        balance.end_step(summed.sum(dim=0))
+        balance.end_step(summed)
     return summed

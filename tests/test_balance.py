@@ -77,7 +77,8 @@ def test_uelb_layer_terms_sum_to_the_pool_loss_and_only_probabilities_carry_grad
 
 def test_end_step_takes_the_summed_counts_as_loads_and_aux_free_nudges_toward_exposure():
     t = _topo(topology="rotational", num_experts=8, window=4, stride=2, topk=2)
-    counts = torch.tensor([8.0, 0, 0, 0, 0, 0, 0, 8])
+    counts = torch.zeros(4, 8)  # per MoE layer: the pool's column sums are what F reads
+    counts[0, 0], counts[2, 0], counts[3, 7] = 5.0, 3.0, 8.0
     uelb = build_balance("uelb", t, coeff=1.0, rate=0.0)
     assert torch.equal(uelb.loads_E, t.uniform_share_E)  # F = Q at step 0
     uelb.count(1, torch.ones(3, 8, dtype=torch.bool))
@@ -87,7 +88,7 @@ def test_end_step_takes_the_summed_counts_as_loads_and_aux_free_nudges_toward_ex
     aux = build_balance("aux_free", t, coeff=0.0, rate=0.1)
     aux.end_step(counts)
     assert aux.bias_E[0] == pytest.approx(-0.1) and aux.bias_E[1] == pytest.approx(0.1)
-    assert aux.selection_bias() is aux.bias_E and uelb.selection_bias() is None
+    assert aux.selection_bias(2) is aux.bias_E and uelb.selection_bias(2) is None
 
 
 def test_registry():
@@ -112,3 +113,64 @@ def test_ep_balance_is_off_by_default_and_per_layer_when_on():
     on = build_balance("uelb", t, 0.01, 0.0, ep_coeff=0.1, ep_groups=2)
     counts = torch.tensor([4.0, 0, 4, 0, 0, 0, 0, 0])  # a layer's tokens all on rank 0
     assert on.ep_layer_loss(counts, 8, counts).item() == pytest.approx(2.0 / 4)  # G / L
+
+
+def test_ep_selection_bias_moves_each_layer_toward_even_groups_and_only_while_on():
+    """b_lg += rate * sign(n_l * s_lg - n_lg): per MoE layer and rank group (expert e in group
+    e mod G), toward the group's share of the layer's window; every expert of a group alike."""
+    t = _topo(topology="rotational", num_experts=8, window=4, stride=2, topk=2)
+    balance = build_balance("uelb", t, 0.01, 0.0, ep_groups=2, ep_rate=0.1)
+    counts = torch.zeros(4, 8)
+    counts[0, 0], counts[0, 1] = 6.0, 2.0  # layer 0 (experts 0-3): group 0 has 6 of 8
+    counts[1, 2:6] = 2.0                   # layer 1: even over the groups
+    balance.end_step(counts)               # layers 2, 3 routed nothing: they keep their bias
+    expected = torch.zeros(4, 8)
+    expected[0] = torch.tensor([-0.1, 0.1] * 4)
+    assert torch.allclose(balance.bias_LE, expected)
+    assert torch.equal(balance.selection_bias(0), balance.bias_LE[0])
+    assert balance.largest_selection_bias() == pytest.approx(0.1)
+    # an elastic sub-model keeping experts 0, 2, 3 of layer 0: group 0's share is 2/3
+    mask = t.mask_LE.clone()
+    mask[0, 1], mask[1:] = False, False
+    balance.set_eligibility(mask)
+    counts = torch.zeros(4, 8)
+    counts[0, 0], counts[0, 3] = 2.0, 1.0  # 2 of 3 on group 0: even for this sub-model
+    balance.end_step(counts)
+    assert torch.allclose(balance.bias_LE, expected)
+    off = build_balance("uelb", t, 0.01, 0.0, ep_groups=2)
+    off.end_step(counts)
+    assert off.selection_bias(0) is None and not off.bias_LE.any()
+
+
+@pytest.mark.parametrize("score_function, pre_softmax, scaling", [
+    ("softmax", False, None), ("softmax", True, None), ("sigmoid", False, None),
+    ("sigmoid", False, 2.5), ("softmax", False, 1.5)])
+def test_biased_selection_routes_as_megatron_with_a_zero_bias_and_picks_by_score_plus_bias(
+        score_function, pre_softmax, scaling):
+    """The selection-bias path gives Megatron's own gates and map when the bias is zero, and
+    with a bias chooses the top-k of score + bias while the gates stay the router's scores."""
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    from moue.model.router import MASKED, _biased_topk
+    logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
+    logits[:, 6:] = MASKED  # outside the window
+    probs, routing = topk_routing_with_score_function(
+        logits, 2, use_pre_softmax=pre_softmax, scaling_factor=scaling,
+        score_function=score_function)
+    biased_probs, biased_map = _biased_topk(logits, torch.zeros(8), 2, score_function,
+                                            pre_softmax, scaling)
+    assert torch.equal(biased_map, routing)
+    torch.testing.assert_close(biased_probs, probs, rtol=1e-6, atol=1e-7)
+    bias = torch.tensor([0.0, 0, 0, 0, 0, 5.0, 9.0, 9.0])  # expert 5 always, 6-7 never
+    biased_probs, biased_map = _biased_topk(logits, bias, 2, score_function, pre_softmax, scaling)
+    assert biased_map[:, 5].all() and not biased_map[:, 6:].any()
+    assert biased_map.sum(dim=1).eq(2).all()
+    chosen = biased_map.nonzero()[:, 1].view(-1, 2)
+    if score_function == "softmax" and not pre_softmax:
+        gates = torch.softmax(logits.gather(1, chosen), dim=-1)
+    elif score_function == "softmax":
+        gates = torch.softmax(logits, dim=-1).gather(1, chosen)
+    else:
+        gates = torch.sigmoid(logits).gather(1, chosen)
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    torch.testing.assert_close(biased_probs.gather(1, chosen), gates * (scaling or 1.0))

@@ -51,7 +51,7 @@ def test_speed_benchmark_runs_and_reports_ratios(tmp_path):
 def test_quality_benchmark_trains_matched_variants_on_the_same_data(tmp_path):
     proc, figures = _smoke("benchmarks/quality.py", tmp_path)
     runs, params = figures["runs"], figures["params"]
-    names = ["moe", "moue", "moue-nostate", "moue-perlayer", "moue-epbal", "dense"]
+    names = ["moe", "moue", "moue-nostate", "moue-perlayer", "moue-epbal", "moue-epbias", "dense"]
     assert [(r["variant"], r["seed"]) for r in runs] == [(v, s) for v in names for s in (1234, 1235)]
     for run in runs:  # every variant trained: held-out loss fell from the untrained model's
         assert run["curve"][0][0] == 0 and run["val_loss"] < run["curve"][0][1] - 0.01, run
@@ -139,6 +139,6 @@ def test_ep_balance_benchmark_reports_every_variant_and_layer(tmp_path):
                           env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert len(results) == 4 and all(len(r["1-4"]["by_layer"]) == 4 for r in results.values())
+    assert len(results) == 6 and all(len(r["1-4"]["by_layer"]) == 4 for r in results.values())
     assert all(r["1-4"]["worst_step"] >= 1.0 for r in results.values())
     assert "tokens per EP rank" in proc.stdout

@@ -7,6 +7,7 @@ Cases live in tests/cases/moue_model.py.
 """
 
 import pytest
+import torch
 
 from tests.distributed import launch, max_rel
 from tests.equivalence import LAYOUTS
@@ -95,16 +96,21 @@ def test_routing_of_a_layer_depends_on_the_previous_layers_choices_through_the_s
     assert not without["layer1_logits_changed"]  # expert outputs are zero: only the state links
 
 
-def test_aux_free_shared_expert_sigmoid_ep_balance_variant_matches_and_moves_the_bias():
+@pytest.mark.parametrize("layout", ["ep2", "pp2"])
+def test_aux_free_shared_expert_sigmoid_ep_balance_variant_matches_and_moves_the_biases(layout):
     reference = launch(CASES, 1)["moue_variant[single]"][0]
     assert all(loss > 0 for loss in reference["ep_balance_loss"])  # the term is on
-    nudges = [abs(b) for b in reference["bias"]]
-    # Each step moves every bias by +-rate (fp32): whole multiples of 0.05, some non-zero.
-    assert max(nudges) > 0 and all(abs(n / 0.05 - round(n / 0.05)) < 1e-4 for n in nudges)
-    for run in launch(CASES, 2)["moue_variant[ep2]"]:
+    # Each step moves every bias by +-rate (fp32): whole multiples of it, some non-zero.
+    for key, rate in (("bias", 0.05), ("ep_bias", 0.03)):
+        nudges = [abs(b) for b in torch.tensor(reference[key]).flatten().tolist()]
+        assert max(nudges) > 0 and all(abs(n / rate - round(n / rate)) < 1e-4 for n in nudges)
+    ep_bias = torch.tensor(reference["ep_bias"])  # [L, E]: expert e in group e mod 2
+    assert torch.equal(ep_bias[:, 0::2], ep_bias[:, :1].expand(-1, 4))
+    for run in launch(CASES, 2)[f"moue_variant[{layout}]"]:
         assert max_rel(run["losses"], reference["losses"]) < RTOL
         assert max_rel(run["grad_norms"], reference["grad_norms"]) < RTOL
-        assert run["bias"] == reference["bias"]  # loads summed over ranks: same nudges
+        # counts summed over ranks (data shards, stages): the same nudges everywhere
+        assert run["bias"] == reference["bias"] and run["ep_bias"] == reference["ep_bias"]
         assert max_rel(run["ep_balance_loss"], reference["ep_balance_loss"]) < RTOL
 
 

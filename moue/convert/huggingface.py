@@ -107,11 +107,12 @@ def export_hf(load: str, output: str, family_name: str | None,
             raise UserError(f"--load {load}: step {step} of a widening ramp of "
                             f"{cfg.moe.widen_steps} steps: the new experts are only partly open, "
                             "which no Hugging Face router expresses; export once the ramp is over")
-        bias = module.decoder.pool_balance.selection_bias()
-        if bias is not None and bool(bias.any()):
-            raise UserError(f"--load {load}: the aux_free balance's selection bias is non-zero "
-                            f"(up to {float(bias.abs().max()):.3g}); Hugging Face's routers have "
-                            "no such bias, so the exported model would route differently")
+        bias = module.decoder.pool_balance.largest_selection_bias()
+        if bias:
+            raise UserError(f"--load {load}: the selection bias of moe.balance=aux_free or "
+                            f"moe.ep_balance_rate is non-zero (up to {bias:.3g}); Hugging Face's "
+                            "routers have no such bias, so the exported model would route "
+                            "differently")
         written = DTYPES[dtype] if dtype else stored
         tmp.mkdir(parents=True)
         write_tensors(tmp, to_hf(module.state_dict(), cfg, family), written)

@@ -88,6 +88,9 @@ def submodel_state(state: dict, cfg: RunConfig, sub: SubModel, fresh: dict) -> d
                 out[f"decoder.expert_pool.local_experts.{expert_id[int(match[1])]}.{match[2]}"] = value
         elif key in ("decoder.expert_embedding.weight", "decoder.pool_balance.bias_E"):
             out[key] = value[kept_E]
+        elif key == "decoder.pool_balance.bias_LE":  # rows: the kept MoE layers
+            kept_L = torch.tensor([i // freq for i in sub.layers if i % freq == 0])
+            out[key] = value[kept_L][:, kept_E]
         elif key == "decoder.pool_balance.loads_E":
             out[key] = fresh[key]
         else:

@@ -28,6 +28,17 @@ averaged over layers (1 when a layer spreads evenly over the groups). Like ``per
 the micro-batch's own counts (over the sequence-parallel group), so it is the same under every
 layout for a fixed ``G``.
 
+Expert-parallel selection bias (``moe.ep_balance_rate``): the Switch loss reaches the choice only
+through the router's probabilities, and where those are near-uniform over the window the counts
+follow near-ties (docs/benchmarks.md). This corrects the choice itself, as DeepSeek-V3's
+auxiliary-loss-free balance does per expert, but per MoE layer and rank group: after each step
+``b_lg += rate * sign(n_l * s_lg - n_lg)``, with ``n_lg`` layer l's assignments on group g (summed
+over every rank), ``n_l`` the layer's total and ``s_lg`` the group's share of the layer's
+eligible experts. The bias is kept per layer and expert (``bias_LE``, every expert of a group
+moved alike) so that its shape does not depend on ``G``, and it is added to the scores for the
+top-k selection only, like aux_free's. It depends only on the step's summed counts, so it is the
+same under every layout for a fixed ``G``.
+
 Under an elastic sub-model (``set_eligibility``) the step's effective eligibility is the topology
 mask without the skipped layers' rows and the dropped experts' columns. Its share ``Q'`` and its
 number of MoE layers ``L'`` replace ``Q`` and ``L`` for that step (``per_layer`` uses the kept
@@ -74,21 +85,24 @@ class Balance(torch.nn.Module):
     """The pool's balance state, one per model, shared by every router on the stage.
 
     Buffers: ``loads_E`` (F of the previous step, starts at Q), ``bias_E`` (aux_free selection
-    bias), ``counts_LE`` (assignments per MoE layer and expert during the current step; not
-    checkpointed; its column sums are the pool's counts).
+    bias), ``bias_LE`` (the expert-parallel selection bias per MoE layer), ``counts_LE``
+    (assignments per MoE layer and expert during the current step; not checkpointed; its column
+    sums are the pool's counts).
     """
 
     name = "none"
 
     def __init__(self, topology: Topology, coeff: float, rate: float = 0.0,
-                 ep_coeff: float = 0.0, ep_groups: int = 1):
+                 ep_coeff: float = 0.0, ep_groups: int = 1, ep_rate: float = 0.0):
         super().__init__()
         self.num_layers, self.window, self.coeff, self.rate = (
             topology.num_layers, topology.window, coeff, rate)
-        self.ep_coeff, self.ep_groups = ep_coeff, ep_groups
+        self.ep_coeff, self.ep_groups, self.ep_rate = ep_coeff, ep_groups, ep_rate
         self.register_buffer("share_E", topology.uniform_share_E.clone(), persistent=False)
+        self.register_buffer("mask_LE", topology.mask_LE.float(), persistent=False)
         self.register_buffer("loads_E", topology.uniform_share_E.clone())
         self.register_buffer("bias_E", torch.zeros(topology.num_experts))
+        self.register_buffer("bias_LE", torch.zeros(topology.num_layers, topology.num_experts))
         self.register_buffer("counts_LE", torch.zeros(topology.num_layers, topology.num_experts),
                              persistent=False)
         self.set_eligibility(None)
@@ -97,8 +111,10 @@ class Balance(torch.nn.Module):
         """The step's effective eligibility [L, E] (skipped layers' rows all False), or None for
         the whole model (``moue.elastic.apply`` sets it)."""
         self.active_share_E = None
+        self.active_mask_LE = None
         self.active_layers, self.active_window = self.num_layers, self.window
         if mask_LE is not None:
+            self.active_mask_LE = mask_LE.float().to(self.share_E.device)
             rows = mask_LE[mask_LE.any(dim=1)].float()
             self.active_layers, self.active_window = rows.shape[0], int(rows[0].sum())
             self.active_share_E = (rows / rows.sum(dim=1, keepdim=True)).mean(dim=0).to(
@@ -135,13 +151,28 @@ class Balance(torch.nn.Module):
         return group_switch_loss(tokens_per_expert_E, probs_sum_E, tokens,
                                  self.ep_groups) / self.active_layers
 
-    def selection_bias(self) -> torch.Tensor | None:
-        """Bias added to scores for top-k selection only (aux_free), or None."""
+    def expert_bias(self) -> torch.Tensor | None:
+        """The per-expert selection bias of the balance rule (aux_free), or None."""
         return None
 
+    def selection_bias(self, layer: int) -> torch.Tensor | None:
+        """Bias [E] added to MoE layer ``layer``'s scores for top-k selection only, or None."""
+        bias_E = self.expert_bias()
+        if self.ep_rate:  # applied even where it no longer moves (G = 1: a sub-model on one rank)
+            bias_E = self.bias_LE[layer] if bias_E is None else bias_E + self.bias_LE[layer]
+        return bias_E
+
+    def largest_selection_bias(self) -> float:
+        """The largest |bias| any layer's selection adds (0: the choice is the router's own)."""
+        return max(float(self.bias_E.abs().max()), float(self.bias_LE.abs().max()))
+
     @torch.no_grad()
-    def end_step(self, global_counts_E: torch.Tensor) -> None:
-        """Take the step's counts, summed over all ranks, as the next step's loads F."""
+    def end_step(self, global_counts_LE: torch.Tensor) -> None:
+        """Take the step's counts per MoE layer and expert, summed over all ranks: the pool's
+        column sums become the next step's loads F, and the EP selection bias moves."""
+        if self.ep_rate and self.ep_groups > 1:
+            self._move_ep_bias(global_counts_LE)
+        global_counts_E = global_counts_LE.sum(dim=0)
         total = global_counts_E.sum()
         if total > 0:
             loads_E = global_counts_E / total
@@ -151,6 +182,20 @@ class Balance(torch.nn.Module):
                                       * self.share_E, self.share_E)
             self.loads_E.copy_(loads_E)
         self.counts_LE.zero_()
+
+    def _move_ep_bias(self, counts_LE: torch.Tensor) -> None:
+        """``b_lg += rate * sign(n_l * s_lg - n_lg)`` (module docstring); a layer that routed
+        nothing this step (skipped by an elastic sub-model) keeps its bias."""
+        layers, experts = counts_LE.shape
+        mask_LE = self.mask_LE if self.active_mask_LE is None else self.active_mask_LE
+        grouped = (layers, experts // self.ep_groups, self.ep_groups)  # e = i * G + g
+        counts_LG = counts_LE.view(grouped).sum(dim=1)
+        eligible_LG = mask_LE.view(grouped).sum(dim=1)
+        total_L1 = counts_LG.sum(dim=1, keepdim=True)
+        share_LG = eligible_LG / eligible_LG.sum(dim=1, keepdim=True).clamp(min=1)
+        step_LG = self.ep_rate * torch.sign(total_L1 * share_LG - counts_LG)
+        step_LG = torch.where(total_L1 > 0, step_LG, 0.0)
+        self.bias_LE += step_LG.repeat(1, experts // self.ep_groups)  # expert e: column e mod G
 
 
 register_balance("none")(Balance)
@@ -178,17 +223,18 @@ class PerLayerBalance(Balance):
 class AuxFreeBalance(Balance):
     """No loss: a per-expert selection bias nudged toward the exposure-weighted share Q_e."""
 
-    def selection_bias(self):
+    def expert_bias(self):
         return self.bias_E
 
     @torch.no_grad()
-    def end_step(self, global_counts_E):
+    def end_step(self, global_counts_LE):
+        global_counts_E = global_counts_LE.sum(dim=0)
         total = global_counts_E.sum()
         if total > 0:
             self.bias_E += self.rate * torch.sign(self.step_share_E - global_counts_E / total)
-        super().end_step(global_counts_E)
+        super().end_step(global_counts_LE)
 
 
 def build_balance(kind: str, topology: Topology, coeff: float, rate: float,
-                  ep_coeff: float = 0.0, ep_groups: int = 1) -> Balance:
-    return BALANCES[kind](topology, coeff, rate, ep_coeff, ep_groups)
+                  ep_coeff: float = 0.0, ep_groups: int = 1, ep_rate: float = 0.0) -> Balance:
+    return BALANCES[kind](topology, coeff, rate, ep_coeff, ep_groups, ep_rate)

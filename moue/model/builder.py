@@ -3,7 +3,7 @@
 Per pipeline stage the decoder holds, registered once each:
 - ``decoder.expert_pool``: the stage's ``ExpertPool`` (its EP shard of the pool), referenced by
   every MoE layer as a plain attribute (so ``parameters()`` and checkpoints list it once);
-- ``decoder.pool_balance``: the balance state (loads F, aux-free bias);
+- ``decoder.pool_balance``: the balance state (loads F, the selection biases);
 - ``decoder.expert_embedding``: U, when the trajectory state is on.
 
 Process groups are passed in (``pg_collection``), never fetched here.
@@ -46,7 +46,8 @@ def build_model(model_cfg: ModelConfig, moe: MoEConfig, topology: Topology | Non
     shared = SharedRouting(topology=topology,
                            balance=build_balance(moe.balance, topology, moe.balance_coeff,
                                                  moe.aux_free_rate, moe.ep_balance_coeff,
-                                                 moe.ep_balance_groups or pg_collection.ep.size()),
+                                                 moe.ep_balance_groups or pg_collection.ep.size(),
+                                                 moe.ep_balance_rate),
                            embedding=embedding, moe_layer_freq=model_cfg.moe_layer_freq,
                            widen_block=moe.widen_block)
     experts_factory = None

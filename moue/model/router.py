@@ -88,8 +88,10 @@ class SharedRouting:
     widen_scale: float = 1.0
 
 
-def _biased_topk(logits_TE, bias_E, topk, score_function):
-    """Aux-free selection: top-k of score + bias; gates are the unbiased scores, renormalised."""
+def _biased_topk(logits_TE, bias_E, topk, score_function, pre_softmax, scaling_factor):
+    """Top-k of score + bias (the selection bias of ``moue.model.balance``); the gates are what
+    Megatron's ``topk_routing_with_score_function`` gives the chosen experts, so that a zero
+    bias routes exactly as Megatron does."""
     if score_function == "softmax":
         scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
     else:
@@ -97,9 +99,16 @@ def _biased_topk(logits_TE, bias_E, topk, score_function):
     # Experts outside the window (and dropped ones) stay out whatever their bias.
     biased_TE = (scores_TE + bias_E).masked_fill(logits_TE <= MASKED / 2, float("-inf"))
     top_TK = torch.topk(biased_TE, k=topk, dim=-1).indices
-    routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, top_TK, True)
-    gates_TE = scores_TE * routing_map_TE
-    return (gates_TE / gates_TE.sum(dim=-1, keepdim=True)).type_as(logits_TE), routing_map_TE
+    if score_function == "softmax" and not pre_softmax:  # softmax over the chosen logits
+        gates_TK = torch.softmax(logits_TE.gather(1, top_TK), dim=-1, dtype=torch.float32)
+    else:
+        gates_TK = scores_TE.gather(1, top_TK)
+        if score_function == "sigmoid" and topk > 1:
+            gates_TK = gates_TK / (gates_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    if scaling_factor:
+        gates_TK = gates_TK * scaling_factor
+    probs_TE = torch.zeros_like(logits_TE).scatter(1, top_TK, gates_TK.type_as(logits_TE))
+    return probs_TE, torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, top_TK, True)
 
 
 class UniversalRouter(TopKRouter):
@@ -208,9 +217,11 @@ class UniversalRouter(TopKRouter):
 
     def _select(self, logits_TE, topk):
         """Top-k gates and routing map [T, E] (Megatron's, or aux_free's biased selection)."""
-        bias_E = self.shared.balance.selection_bias()
+        bias_E = self.shared.balance.selection_bias(self.moe_index)
         if bias_E is not None:
-            return _biased_topk(logits_TE, bias_E, topk, self.score_function)
+            return _biased_topk(logits_TE, bias_E, topk, self.score_function,
+                                self.config.moe_router_pre_softmax,
+                                self.config.moe_router_topk_scaling_factor)
         return topk_routing_with_score_function(
             logits_TE, topk, use_pre_softmax=self.config.moe_router_pre_softmax,
             scaling_factor=self.config.moe_router_topk_scaling_factor,

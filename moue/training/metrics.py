@@ -84,11 +84,14 @@ def ep_rank_loads(loads_LE: torch.Tensor, ep: int) -> torch.Tensor:
 
 
 def ep_balance_figures(loads_LE: torch.Tensor, ep: int) -> dict:
-    """Per layer max/mean tokens per EP rank, and its mean over layers."""
+    """Per layer max/mean tokens per EP rank, its mean over layers, and the assignments per
+    layer and rank themselves (summed over steps they give the balance of the mean load, which
+    separates a lasting imbalance from one batch's)."""
     per_rank_LR = ep_rank_loads(loads_LE, ep)
     ratio_L = per_rank_LR.max(dim=1).values / per_rank_LR.mean(dim=1).clamp(min=1e-9)
     return {"ep_load_max_over_mean": ratio_L.mean().item(),
-            "ep_load_max_over_mean_by_layer": ratio_L.tolist()}
+            "ep_load_max_over_mean_by_layer": ratio_L.tolist(),
+            "ep_rank_tokens_by_layer": per_rank_LR.tolist()}
 
 
 def step_figures(raw: dict, num_microbatches: int, pg_collection, *, moe_layers: frozenset,

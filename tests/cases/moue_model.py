@@ -53,9 +53,11 @@ for _name in LAYOUTS:
     CASES.add(f"moue_train[{_name}]", partial(_train, _name, 2), nproc=2)
 
 # Aux-free balance (selection bias from the pool's loads), a shared expert, sigmoid scores, and
-# the balance over 2 expert-parallel groups (fixed, so every layout has the same loss).
+# the balance over 2 expert-parallel groups, by the loss and by the selection bias per layer and
+# group (groups fixed, so every layout has the same loss; rates large enough to change choices).
 VARIANT = ("moe.balance=aux_free", "moe.aux_free_rate=0.05", "moe.shared_experts=1",
-           "moe.score_function=sigmoid", "moe.ep_balance_coeff=0.05", "moe.ep_balance_groups=2")
+           "moe.score_function=sigmoid", "moe.ep_balance_coeff=0.05", "moe.ep_balance_groups=2",
+           "moe.ep_balance_rate=0.03")
 
 
 # The architecture options of released checkpoints (Qwen2/Qwen3-MoE style), all on together.
@@ -90,13 +92,15 @@ CASES.add("options_reach_the_modules", _options_reach_the_modules, nproc=1)
 
 def _train_variant(layout: str, world_size: int) -> dict:
     run = train(tiny(*LR, *VARIANT), layout_for(layout, world_size))
-    bias = run["model"].module.decoder.pool_balance.bias_E
-    return {"losses": run["losses"], "grad_norms": run["grad_norms"], "bias": bias.tolist(),
+    balance = run["model"].module.decoder.pool_balance
+    return {"losses": run["losses"], "grad_norms": run["grad_norms"],
+            "bias": balance.bias_E.tolist(), "ep_bias": balance.bias_LE.tolist(),
             "ep_balance_loss": run["ep_balance_loss"]}
 
 
 CASES.add("moue_variant[single]", partial(_train_variant, "single", 1), nproc=1)
-CASES.add("moue_variant[ep2]", partial(_train_variant, "ep2", 2), nproc=2)
+for _name in ("ep2", "pp2"):
+    CASES.add(f"moue_variant[{_name}]", partial(_train_variant, _name, 2), nproc=2)
 
 
 # --- The standard topology is exactly Megatron-Core's MoE -----------------------------------
