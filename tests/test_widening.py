@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 
+from moue.commands.evaluate import evaluate_tokens
+from moue.commands.pretrain import run
 from moue.config import load_config
 from moue.convert.huggingface import export_hf
 from moue.convert.widen import widen
 from moue.model.widening import widen_scale
 from moue.run_check import check_run
-from moue.training.evaluate import evaluate_tokens
-from moue.training.trainer import run
 from parallel import launch as process_groups
 from parallel.errors import UserError
 from tests.cases.widening import train_widened

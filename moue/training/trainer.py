@@ -27,7 +27,6 @@ import itertools
 import math
 import os
 import signal
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,10 +44,9 @@ from moue.elastic.submodel import SubModel
 from moue.elastic.submodel import full as full_submodel
 from moue.model.builder import balance_modules, build_model, pipeline_shapes
 from moue.model.chunk import build_chunk
-from moue.model.megatron_config import top1_post_softmax
 from moue.model.size import flops_per_token
 from moue.model.widening import set_widening
-from moue.run_check import check_run, check_training, local_attention_warning, plan_run
+from moue.run_check import check_run, check_training, plan_run
 from moue.training import checkpoint
 from moue.training.batches import TrainBatches, collate
 from moue.training.engine import Engine, build_engine, build_forward_engine
@@ -60,7 +58,6 @@ from moue.training.metrics import (
     step_figures,
 )
 from parallel import launch
-from parallel.capability import Capabilities
 from parallel.errors import UserError
 from parallel.layout import ParallelLayout
 from parallel.pool_sync import finish_step_loads
@@ -425,39 +422,9 @@ class Trainer:
             self._batches.close()
 
 
-def run(cfg: RunConfig) -> None:
-    """``moue-pretrain``: check the run, start the process groups, build, train."""
-    env = launch.read_launch_env()
-    layout = check_run(cfg, env.world_size)
-    check_training(cfg)
-    plan = plan_run(cfg)  # what this machine cannot serve is refused before any process group
-    launch.init_distributed(layout, device="auto", env=env)
-    if env.rank == 0:
-        pool = (f", pool {plan.expert_impl}" + (f" ({plan.grouped_gemm} grouped GEMM)"
-                                                 if plan.grouped_gemm else "")
-                if plan.expert_impl != "none" else "")
-        recipe = f" ({plan.fp8_recipe})" if plan.fp8_recipe else ""
-        print(f"moue-pretrain: {plan.transformer_impl} layers{pool}, {plan.precision}{recipe}, "
-              f"fusions {'on' if plan.fusions else 'off'}, weight-gradient accumulation "
-              f"{'fused' if plan.grad_accum_fusion else 'unfused'}", file=sys.stderr)
-        scores = local_attention_warning(cfg, plan, Capabilities.detect())
-        if scores:
-            print(f"moue-pretrain: warning: {scores}", file=sys.stderr)
-    if cfg.data.mock and env.rank == 0:
-        print("moue-pretrain: data: synthetic tokens (data.mock); give data.path=PREFIX (a "
-              "moue-preprocess output) to train on a dataset", file=sys.stderr)
-    if not cfg.model.dense and top1_post_softmax(cfg.moe) and env.rank == 0:
-        print("moue-pretrain: note: moe.topk=1 with post-softmax scores gives every token a gate "
-              "of 1, so the router learns only from the balance loss; set moe.pre_softmax=true "
-              "for gates that carry the language-model gradient", file=sys.stderr)
-    try:
-        train(cfg, layout, launch.resolve_device("auto"))
-    finally:
-        launch.shutdown()
-
-
 def train(cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> Trainer:
-    """Build and train on an initialised world (``run`` starts one; tests reuse theirs). Returns
+    """Build and train on an initialised world (``moue.commands.pretrain`` starts one; tests
+    reuse theirs). Returns
     the Trainer, closed (``Trainer.close``): its model and data stay readable."""
     if check_run(cfg, layout.world_size) != layout:
         raise ValueError(f"the layout {layout.describe()} is not the one cfg.parallel gives")
