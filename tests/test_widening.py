@@ -52,6 +52,8 @@ def test_the_switch_keeps_the_standard_models_logits(base):
         assert np.abs(_logits(base, name) - standard).max() <= 1e-6, name
     config = (base / "wide" / "config.yaml").read_text()
     assert "topology: rotational" in config and "widen_block: 4" in config
+    # the widened model trains on from where its base stopped: 2 steps of 16 samples
+    assert "start_sample: 32" in config
 
 
 def _train(base, tmp_path, tag, *extra, stop_after=None):

@@ -15,8 +15,9 @@ onto the model by the forward step, just before that micro-batch's forward on ea
 (``moue.elastic.apply``). Draws depend on ``(train.seed, step, micro-batch)`` alone. Evaluation
 runs the full model.
 
-Data order: step ``k`` reads global samples ``[k*G, (k+1)*G)`` of the train split (``G`` the
-global batch), each data-parallel rank its contiguous slice in micro-batches, so the order is
+Data order: step ``k`` (from 0) reads global samples ``[N + k*G, N + (k+1)*G)`` of the train split
+(``G`` the global batch, ``N`` = ``data.start_sample``), each data-parallel rank its contiguous
+slice in micro-batches, so the order is
 the same under every layout and a resumed run continues exactly (``moue.training.batches``
 loads them ahead of the step).
 """
@@ -250,7 +251,8 @@ class Trainer:
         valid_samples = max(1, t.eval_iters) * t.global_batch_size
         train, valid, _ = gpt_datasets(
             seq_length=cfg.model.seq_length, seed=cfg.data_seed, split=cfg.data.split,
-            num_samples=(t.steps * t.global_batch_size, valid_samples, 0),
+            num_samples=(cfg.data.start_sample + t.steps * t.global_batch_size, valid_samples,
+                         0),
             tokenizer=tokenizer, blend=None if cfg.data.mock else blend,
             vocab_size=cfg.model.vocab_size)
         return train, valid
@@ -275,7 +277,7 @@ class Trainer:
             self._batches = TrainBatches(
                 self.train_data, first_sample=first_sample, global_batch=t.global_batch_size,
                 micro_batch=t.micro_batch_size, offset=offset, count=count,
-                steps=max(1, t.steps - first_sample // t.global_batch_size), device=self.device,
+                steps=max(1, t.steps - self.state.step), device=self.device,
                 workers=(2 if self.device.type == "cuda" else 0) if workers is None else workers)
         self._batches_at = first_sample + t.global_batch_size  # the schedule takes one batch
         return self._batches
@@ -315,7 +317,7 @@ class Trainer:
             active_LE = self.use_submodel(sub, draw.routing_seed)
             self.clock.flops_per_token = self._submodel_flops(sub)
         self.clock.start()
-        loss = self._run_schedule(self.train_data, self.state.consumed_samples, forward_only=False,
+        loss = self._run_schedule(self.train_data, self.first_sample, forward_only=False,
                                   forward_step=forward_step)
         if plan is not None:
             microbatch.finish_step(self.model.module)
@@ -362,6 +364,11 @@ class Trainer:
         self._advance()
         return {"step": self.state.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                 "grad_norm": None, "skipped": True, **self.clock.stop(0), "loads_LE": None}
+
+    @property
+    def first_sample(self) -> int:
+        """The first global sample of the train split the next step reads."""
+        return self.cfg.data.start_sample + self.state.consumed_samples
 
     def _advance(self) -> None:
         self.state.step += 1
