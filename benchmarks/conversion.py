@@ -2,20 +2,22 @@
 
 Per seed, on the same tokens in the same order (``benchmarks/quality.py``'s data and shape):
   base            a standard MoE (N experts in each of L layers) trained for S1 steps
-and then, each for S2 more steps from base's weights (a fresh optimizer and warmup + cosine
-schedule of S2 steps; a restart reads the sample order from its start, so the continuations
-see base's first S2 batches a second time):
-  moe             the same standard MoE (``moue-export`` of the full model: a restart at step 0)
-  widened         ``moue-convert widen``: rotational windows of 2N, opened over R steps
-  widened-state   the same with the trajectory state added (``moe.router_state_dim``)
+and then, each for S2 more steps from base's weights, reading the train split from where base
+stopped (sample S1 x G: ``moue-export`` and ``moue-convert widen`` write ``data.start_sample``),
+with a fresh optimizer and a warmup + cosine schedule of S2 steps:
+  moe             the same standard MoE (``moue-export`` of the full model)
+  widened W/R     ``moue-convert widen``: rotational windows of W experts opened over R steps,
+                  swept over the preset's windows at its middle ramp and over its ramps at 2N
+  widened-state   windows of 2N at the middle ramp, with the trajectory state added
 beside
-  moue-scratch    the rotational MoUE with the state trained from scratch for S1 + S2 steps.
-Every variant ends after S1 + S2 steps (MoUE from scratch on S1 + S2 distinct batches, the
-others on S1 distinct batches, S2 of them twice) and is evaluated on the same held-out samples;
-the table gives the final held-out loss (mean +- std over seeds, and minus ``moe`` paired by
-seed).
+  moue-scratch    the rotational MoUE (windows of 2N) with the state trained from scratch for
+                  S1 + S2 steps on the same S1 + S2 distinct batches.
+Every variant ends after S1 + S2 steps on S1 + S2 distinct batches and is evaluated on the same
+held-out samples; the table gives the final held-out loss (mean +- std over seeds), its
+difference from the continued MoE paired by seed, and the gain relative to it:
+``(loss_moe - loss) / loss_moe`` in percent (positive: lower loss than continuing the MoE).
 
-    python benchmarks/conversion.py --preset cpu     # 2 CPU cores, about 20 minutes
+    python benchmarks/conversion.py --preset cpu     # 2 CPU cores, about 30 minutes
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -51,9 +54,14 @@ class Preset:
     experts_per_layer: int
     first: int  # S1
     second: int  # S2
-    ramp: int  # R
+    ramps: tuple[int, ...]  # R, swept at 2N; the middle one is the window sweep's
+    windows: tuple[int, ...]  # W, swept at the middle ramp; must hold 2N
     seeds: int
     about: str
+
+    @property
+    def ramp(self) -> int:
+        return self.ramps[len(self.ramps) // 2]
 
 
 def _shape(layers, hidden, heads, seq, expert_ffn, topk, steps, mbs, eval_iters):
@@ -65,12 +73,22 @@ def _shape(layers, hidden, heads, seq, expert_ffn, topk, steps, mbs, eval_iters)
 PRESETS = {
     # 4 layers, hidden 64, 4 experts of 64 per layer, top-2; 16 x 128 bytes per step.
     "cpu": Preset(_shape(4, 64, 4, 128, 64, 2, 1, 16, 32), experts_per_layer=4, first=400,
-                  second=400, ramp=100, seeds=2, about="2 CPU cores, about 20 minutes"),
+                  second=400, ramps=(50, 100, 200), windows=(6, 8, 12), seeds=2,
+                  about="2 CPU cores, about 30 minutes"),
     "smoke": Preset(_shape(2, 32, 2, 32, 32, 2, 1, 4, 2), experts_per_layer=2, first=3,
-                    second=3, ramp=2, seeds=1, about="about a minute"),
+                    second=3, ramps=(1, 2), windows=(3, 4), seeds=1, about="about a minute"),
 }
-NAMES = {"moe": "standard MoE, continued", "widened": "widened to windows of 2N",
-         "widened-state": "widened, + trajectory state", "moue-scratch": "MoUE from scratch"}
+
+
+def variants(preset: Preset) -> dict[str, tuple[str, int, int, bool]]:
+    """name -> (description, window, ramp, state) of the widened continuations."""
+    n = preset.experts_per_layer
+    grid = [(w, preset.ramp) for w in preset.windows] + [(2 * n, r) for r in preset.ramps]
+    out = {f"widened W={w} R={r}": (f"windows of {w}, opened over {r} steps", w, r, False)
+           for w, r in dict.fromkeys(grid)}
+    out["widened-state"] = (f"windows of {2 * n} over {preset.ramp}, + trajectory state",
+                            2 * n, preset.ramp, True)
+    return out
 
 
 def _steps(total: int, warmup: int) -> list[str]:
@@ -102,33 +120,42 @@ def one_seed(preset: Preset, shared: list[str], work: Path, seed: int) -> list[d
     train_run("base", seed, [*shared, *standard, *_steps(preset.first, warm),
                              f"checkpoint.dir={base}"], root / "base", 1)
     starts = {"moe": ("export", "--load", str(base), "--submodel",
-                      f"layers={layers},experts={layers * n},topk=2", "--output"),
-              "widened": ("convert", "widen", "--load", str(base), "--window", str(2 * n),
-                          "--steps", str(preset.ramp), "--output"),
-              "widened-state": ("convert", "widen", "--load", str(base), "--window", str(2 * n),
-                                "--steps", str(preset.ramp), "moe.router_state_dim=32",
-                                "--output")}
+                      f"layers={layers},experts={layers * n},topk=2", "--output")}
+    for name, (_, window, ramp, state) in variants(preset).items():
+        starts[name] = ("convert", "widen", "--load", str(base), "--window", str(window),
+                        "--steps", str(ramp), *(["moe.router_state_dim=32"] if state else []),
+                        "--output")
     results = []
     for name, start in starts.items():
-        ckpt = root / name / "ckpt"
+        ckpt = root / name.replace(" ", "_").replace("=", "") / "ckpt"
         _cli(*start, str(ckpt))
         run = train_run(name, seed, [
             "--config", str(ckpt / "config.yaml"), f"checkpoint.dir={ckpt}",
             *_steps(preset.second, warm), *[o for o in shared if o.startswith(("data.", "train.micro", "train.global"))]],
-            root / name, 1)
+            ckpt.parent, 1)
         results.append(run)
     results.append(train_run("moue-scratch", seed, [
         *shared, *moue, *_steps(preset.first + preset.second, warm)], root / "moue-scratch", 1))
     return results
 
 
-def table(results: list[dict]) -> list[str]:
+def table(results: list[dict], preset: Preset) -> list[str]:
     base = {r["seed"]: r["val_loss"] for r in results if r["variant"] == "moe"}
-    lines = ["| variant | held-out loss | minus continued MoE, paired |", "|---|---|---|"]
-    for v, name in NAMES.items():
+    names = {"moe": "standard MoE, continued",
+             **{k: v[0] for k, v in variants(preset).items()},
+             "moue-scratch": "MoUE from scratch"}
+    lines = ["| variant | held-out loss | minus continued MoE, paired | gain vs continued MoE |",
+             "|---|---|---|---|"]
+    for v, name in names.items():
         runs = [r for r in results if r["variant"] == v]
-        diff = "—" if v == "moe" else mean_std([r["val_loss"] - base[r["seed"]] for r in runs], "+")
-        lines.append(f"| {v}: {name} | {mean_std([r['val_loss'] for r in runs])} | {diff} |")
+        diff = gain = "—"
+        if v != "moe":
+            diff = mean_std([r["val_loss"] - base[r["seed"]] for r in runs], "+")
+            gains = [100 * (base[r["seed"]] - r["val_loss"]) / base[r["seed"]] for r in runs]
+            spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+            gain = f"{statistics.fmean(gains):+.2f}% ± {spread:.2f}%"
+        lines.append(f"| {v}: {name} | {mean_std([r['val_loss'] for r in runs])} | {diff} "
+                     f"| {gain} |")
     return lines
 
 
@@ -155,14 +182,15 @@ def main(argv=None) -> int:
                 "val_loss": next(x["val_loss"] for x in reversed(r["rows"]) if "val_loss" in x)}
                for r in runs]
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs" + gpu_name()
-    print(f"\nHeld-out loss after {preset.first} + {preset.second} steps (widening ramp "
-          f"{preset.ramp} steps), preset {args.preset}, seeds {seeds} - {machine}\n")
-    for line in table(results):
+    print(f"\nHeld-out loss after {preset.first} + {preset.second} steps, the continuations on "
+          f"unseen data, preset {args.preset}, seeds {seeds} - {machine}\n")
+    for line in table(results, preset):
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"machine": machine, "preset": args.preset, "seeds": seeds, "overrides": shared,
-             "first": preset.first, "second": preset.second, "ramp": preset.ramp,
+             "first": preset.first, "second": preset.second, "ramps": preset.ramps,
+             "windows": preset.windows,
              "runs": results}, indent=2))
     return 0
 

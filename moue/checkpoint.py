@@ -128,6 +128,14 @@ def saved_config(path: Path) -> dict:
     return meta
 
 
+def next_sample(meta: dict) -> int:
+    """The first sample of the train split a run continuing checkpoint ``meta``
+    (``saved_config``) reads: where its run started (``data.start_sample``) plus what it
+    consumed (0 for a model-only checkpoint: an import has consumed nothing of this data)."""
+    start = meta["config"].get("data", {}).get("start_sample", 0)
+    return start + meta.get("state", {}).get("consumed_samples", 0)
+
+
 def check_architecture(saved: dict, run_config, path: Path) -> None:
     """Refuse loading a checkpoint of another model (``RunConfig.architecture``)."""
     current = run_config.architecture()

@@ -1,10 +1,10 @@
-"""Command-line entry points (installed as console scripts)."""
+"""Command-line entry points (installed as console scripts): the parsers, and bad input reported
+once with exit status 2. What each command does lives in ``moue.commands`` (and
+``moue.convert``), imported only once the arguments are parsed, so ``--help`` stays fast."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 import warnings
@@ -80,17 +80,14 @@ def pretrain(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            from moue.dry_run import report
+            from moue.commands.pretrain import dry_run
 
-            world = args.world_size
-            if world is None and os.environ.get("WORLD_SIZE", "").isdigit():
-                world = int(os.environ["WORLD_SIZE"])
-            print(json.dumps(report(cfg, world), indent=2))
+            dry_run(cfg, args.world_size)
             return 0
         warning = set_cuda_device_max_connections(cfg.parallel.tp)  # before any CUDA call
         if warning and global_rank_from_env() == 0:
             print(f"moue-pretrain: warning: {warning}", file=sys.stderr)
-        from moue.training.trainer import run
+        from moue.commands.pretrain import run
 
         run(cfg)
     except UserError as err:
@@ -151,8 +148,8 @@ def evaluate(argv: list[str] | None = None) -> int:
     if args.logits and not args.tokens:
         parser.error("--logits saves the logits of --tokens FILE.npy: give that too")
     try:
-        from moue.training.evaluate import evaluate as run_eval
-        from moue.training.evaluate import evaluate_tokens, markdown, write_json
+        from moue.commands.evaluate import evaluate as run_eval
+        from moue.commands.evaluate import evaluate_tokens, markdown, write_json
 
         if args.tokens:
             result = evaluate_tokens(args.load, args.tokens, args.overrides, args.logits)

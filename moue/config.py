@@ -330,6 +330,11 @@ class DataConfig(Section):
         None, "seed of the order of the train and validation samples; null: `train.seed`, as "
         "Megatron-LM's one `--seed`. Set it to compare initialisations on the same data order "
         "and the same held-out samples (`benchmarks/quality.py` does)")
+    start_sample: int = setting(
+        0, "the first global sample of the train split that step 1 reads (step k reads "
+        "`[start_sample + (k-1)*G, start_sample + k*G)`, G the global batch): a run continuing "
+        "a trained model reads what its base has not seen. `moue-convert widen` and "
+        "`moue-export` write the base's own end of data ([conversion](conversion.md))")
     num_workers: int | None = setting(
         None, "processes that assemble the next training micro-batches while a step runs; "
         "null: 2 on a GPU, 0 on a CPU, where they would take the cores the step needs "
@@ -343,6 +348,8 @@ class DataConfig(Section):
     def _validate(self):
         if self.mock is None:
             object.__setattr__(self, "mock", not (self.path or self.blend))
+        check(self.start_sample >= 0, "data.start_sample", self.start_sample,
+              "must be an integer >= 0 (0: the train split from its start)")
         check(self.num_workers is None or self.num_workers >= 0, "data.num_workers",
               self.num_workers, "must be an integer >= 0, or null (2 on a GPU, 0 on a CPU)")
         check(self.mock or self.path or self.blend, "data.path", self.path,

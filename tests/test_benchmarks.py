@@ -104,9 +104,11 @@ def test_elastic_benchmark_trains_plain_and_elastic_and_tables_their_families(tm
 def test_conversion_benchmark_continues_base_as_moe_and_widened_moue(tmp_path):
     proc, figures = _smoke("benchmarks/conversion.py", tmp_path)
     assert [(r["variant"], r["seed"]) for r in figures["runs"]] == [
-        (v, 1234) for v in ("moe", "widened", "widened-state", "moue-scratch")]
+        (v, 1234) for v in ("moe", "widened W=3 R=2", "widened W=4 R=2", "widened W=4 R=1",
+                            "widened-state", "moue-scratch")]
     assert all(r["val_loss"] > 0 for r in figures["runs"])
-    assert "| widened: widened to windows of 2N |" in proc.stdout
+    assert "| widened W=4 R=1: windows of 4, opened over 1 steps |" in proc.stdout
+    assert "gain vs continued MoE" in proc.stdout
 
 
 @pytest.mark.slow

@@ -21,13 +21,14 @@ from megatron.core import dist_checkpointing  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from moue import checkpoint  # noqa: E402
+from moue.commands.evaluate import evaluate_tokens  # noqa: E402
+from moue.commands.pretrain import run  # noqa: E402
 from moue.config import load_config  # noqa: E402
 from moue.convert.families import export_family  # noqa: E402
 from moue.convert.hf_format import Tensors, write_tensors  # noqa: E402
 from moue.convert.huggingface import export_hf, import_hf  # noqa: E402
 from moue.run_check import check_run  # noqa: E402
-from moue.training.evaluate import evaluate_tokens  # noqa: E402
-from moue.training.trainer import run, train  # noqa: E402
+from moue.training.trainer import train  # noqa: E402
 from parallel import launch as process_groups  # noqa: E402
 from parallel.errors import UserError  # noqa: E402
 from tests.distributed import launch  # noqa: E402

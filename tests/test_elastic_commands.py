@@ -106,6 +106,8 @@ def test_export_evaluates_to_the_submodels_loss_and_is_smaller(trained, family, 
     assert sum(weights.values()) == alone["params_total"], weights
     written = json.loads((exported / "submodel.json").read_text())
     assert written["layers"] == [0, 3] and written["experts"] == [0, 1, 4, 5, 12, 13]
+    # trained on from where the full model stopped: 6 steps of 16 samples
+    assert "start_sample: 96" in (exported / "config.yaml").read_text()
 
 
 def test_export_trains_on_under_another_layout(trained, family, exported):

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from moue.commands.evaluate import evaluate_tokens
 from moue.convert import megatron_lm
 from moue.convert.megatron_lm import import_megatron, moue_sections
-from moue.training.evaluate import evaluate_tokens
 from parallel.errors import UserError
 from tests.cases.megatron_checkpoints import SAVES, VARIANTS
 from tests.distributed import launch

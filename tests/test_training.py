@@ -244,6 +244,18 @@ def test_checkpoint_saved_with_pp2_loads_with_ep2_and_one_process(tmp_path_facto
             assert abs(other[step] - pp2[step]) / pp2[step] < 1e-5, (pp2, ep2, single)
 
 
+def test_a_model_only_start_reads_the_train_split_from_data_start_sample():
+    """Weights saved after step 2 and trained on from sample 2G: the first step's loss (the
+    forward before any update) is step 3's of the uninterrupted run, bit for bit; from sample 0
+    it is not (constant LR, so the saved weights are the uninterrupted run's after step 2)."""
+    run = launch(CASES, 1)["continue[single]"][0]
+    straight = run["straight"]
+    assert run["first_two"] == straight[:2]  # the same weights after step 2
+    assert run["from_16"][0] == straight[2] and run["batch"] == 8
+    assert run["from_0"][0] != straight[2]
+    assert len(run["from_16"]) == 2
+
+
 def test_sigkill_after_a_checkpoint_then_the_same_command_resumes_exactly(tmp_path):
     """moue-pretrain under torchrun, SIGKILLed once a checkpoint exists - every process of the
     job, as a scheduler kills it (torchrun starts its workers in sessions of their own, so its

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 
+from moue.commands.evaluate import evaluate_tokens
+from moue.commands.pretrain import run
 from moue.config import load_config
 from moue.convert.huggingface import export_hf
 from moue.convert.widen import widen
 from moue.model.widening import widen_scale
 from moue.run_check import check_run
-from moue.training.evaluate import evaluate_tokens
-from moue.training.trainer import run
 from parallel import launch as process_groups
 from parallel.errors import UserError
 from tests.cases.widening import train_widened
@@ -52,6 +52,8 @@ def test_the_switch_keeps_the_standard_models_logits(base):
         assert np.abs(_logits(base, name) - standard).max() <= 1e-6, name
     config = (base / "wide" / "config.yaml").read_text()
     assert "topology: rotational" in config and "widen_block: 4" in config
+    # the widened model trains on from where its base stopped: 2 steps of 16 samples
+    assert "start_sample: 32" in config
 
 
 def _train(base, tmp_path, tag, *extra, stop_after=None):

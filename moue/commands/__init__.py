@@ -1,1 +1,2 @@
-"""What the commands share that is not a library's concern: the model alone on one process."""
+"""What each command does (``moue.cli`` parses their arguments): pretrain, eval, export, and
+the model alone on one process for the commands that need only weights."""

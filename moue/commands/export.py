@@ -3,8 +3,9 @@ says what it keeps).
 
 What is written: a ``checkpoint.dir`` whose ``step_0000000`` is a model-only checkpoint in the
 source's dtype, ``config.yaml`` (``checkpoint.dir`` is the output; the overrides given to the
-command apply: the layout, the schedule of continued training) and ``submodel.json`` (where it
-came from). ``moue-pretrain --config OUT/config.yaml`` continues training it under any layout
+command apply: the layout, the schedule of continued training; ``data.start_sample`` is where
+the full model's run stopped, so continued training reads data it has not seen) and
+``submodel.json`` (where it came from). ``moue-pretrain --config OUT/config.yaml`` continues training it under any layout
 (step 0, a fresh optimizer, the configured schedule); ``moue-eval --load OUT`` evaluates it. It
 runs as one process on the CPU, with no optimizer: the full model is loaded whole (whatever
 layout it was saved under) beside the sub-model. The output appears under its final name only
@@ -41,7 +42,8 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
                             "data, logging or elastic sections only")
     out, tmp = new_output(output, "--output", "moue-export")
     path = checkpoint.resolve(load)
-    saved = checkpoint.saved_config(path)["config"]
+    meta = checkpoint.saved_config(path)
+    saved = meta["config"]
     dtype = checkpoint.stored_dtype(path)
     cfg = one_process_config(saved, dtype)
     choices = cfg.elastic_choices()
@@ -54,6 +56,8 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
     for section, key in (("model", "transformer_impl"), ("moe", "expert_impl")):
         tree[section] = {**tree[section], key: saved.get(section, {}).get(key, "auto")}
     kept = {k: saved[k] for k in ("parallel", "data", "train") if k in saved}
+    # continued training reads what the full model has not seen
+    kept["data"] = {**kept.get("data", {}), "start_sample": checkpoint.next_sample(meta)}
     target = load_config(None, overrides, base={**tree, **kept})
     try:
         check_run(target)

@@ -8,7 +8,8 @@ rows, and an expert ``e`` owned by layer ``l' = e // N`` gets row ``e - l'*N`` o
 router. A trajectory state (``moe.router_state_dim=D``) may be switched on: U starts at its usual
 initialisation, its term is opened over the same ramp. The balance state starts afresh.
 Written like ``import``: ``step_0000000`` (model-only, in the checkpoint's dtype), ``config.yaml``
-(the run's own layout, implementation and precision, widened), atomically.
+(the run's own layout, implementation and precision, widened; ``data.start_sample`` where the
+base's run stopped, so the widened model trains on data the base has not seen), atomically.
 """
 
 from __future__ import annotations
@@ -70,9 +71,11 @@ def widen(load: str, output: str, window: int, steps: int, overrides: list[str])
     if steps < 1:
         raise UserError(f"--steps {steps}: give the ramp's length in steps, >= 1")
     path = checkpoint.resolve(load)
-    saved = checkpoint.saved_config(path)["config"]
+    meta = checkpoint.saved_config(path)
+    saved = meta["config"]
     dtype = checkpoint.stored_dtype(path)
     tree = widened_tree(load_config(None, ["checkpoint.dir=null"], base=saved), window, steps)
+    tree["data"]["start_sample"] = checkpoint.next_sample(meta)  # continue on unseen data
     target = load_config(None, [*overrides, f"checkpoint.dir={out.resolve()}"], base=tree)
     check_run(target)
     source = one_process_config(saved, dtype)

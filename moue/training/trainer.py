@@ -15,8 +15,9 @@ onto the model by the forward step, just before that micro-batch's forward on ea
 (``moue.elastic.apply``). Draws depend on ``(train.seed, step, micro-batch)`` alone. Evaluation
 runs the full model.
 
-Data order: step ``k`` reads global samples ``[k*G, (k+1)*G)`` of the train split (``G`` the
-global batch), each data-parallel rank its contiguous slice in micro-batches, so the order is
+Data order: step ``k`` (from 0) reads global samples ``[N + k*G, N + (k+1)*G)`` of the train split
+(``G`` the global batch, ``N`` = ``data.start_sample``), each data-parallel rank its contiguous
+slice in micro-batches, so the order is
 the same under every layout and a resumed run continues exactly (``moue.training.batches``
 loads them ahead of the step).
 """
@@ -27,7 +28,6 @@ import itertools
 import math
 import os
 import signal
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,10 +45,9 @@ from moue.elastic.submodel import SubModel
 from moue.elastic.submodel import full as full_submodel
 from moue.model.builder import balance_modules, build_model, pipeline_shapes
 from moue.model.chunk import build_chunk
-from moue.model.megatron_config import top1_post_softmax
 from moue.model.size import flops_per_token
 from moue.model.widening import set_widening
-from moue.run_check import check_run, check_training, local_attention_warning, plan_run
+from moue.run_check import check_run, check_training, plan_run
 from moue.training import checkpoint
 from moue.training.batches import TrainBatches, collate
 from moue.training.engine import Engine, build_engine, build_forward_engine
@@ -60,7 +59,6 @@ from moue.training.metrics import (
     step_figures,
 )
 from parallel import launch
-from parallel.capability import Capabilities
 from parallel.errors import UserError
 from parallel.layout import ParallelLayout
 from parallel.pool_sync import finish_step_loads
@@ -253,7 +251,8 @@ class Trainer:
         valid_samples = max(1, t.eval_iters) * t.global_batch_size
         train, valid, _ = gpt_datasets(
             seq_length=cfg.model.seq_length, seed=cfg.data_seed, split=cfg.data.split,
-            num_samples=(t.steps * t.global_batch_size, valid_samples, 0),
+            num_samples=(cfg.data.start_sample + t.steps * t.global_batch_size, valid_samples,
+                         0),
             tokenizer=tokenizer, blend=None if cfg.data.mock else blend,
             vocab_size=cfg.model.vocab_size)
         return train, valid
@@ -278,7 +277,7 @@ class Trainer:
             self._batches = TrainBatches(
                 self.train_data, first_sample=first_sample, global_batch=t.global_batch_size,
                 micro_batch=t.micro_batch_size, offset=offset, count=count,
-                steps=max(1, t.steps - first_sample // t.global_batch_size), device=self.device,
+                steps=max(1, t.steps - self.state.step), device=self.device,
                 workers=(2 if self.device.type == "cuda" else 0) if workers is None else workers)
         self._batches_at = first_sample + t.global_batch_size  # the schedule takes one batch
         return self._batches
@@ -318,7 +317,7 @@ class Trainer:
             active_LE = self.use_submodel(sub, draw.routing_seed)
             self.clock.flops_per_token = self._submodel_flops(sub)
         self.clock.start()
-        loss = self._run_schedule(self.train_data, self.state.consumed_samples, forward_only=False,
+        loss = self._run_schedule(self.train_data, self.first_sample, forward_only=False,
                                   forward_step=forward_step)
         if plan is not None:
             microbatch.finish_step(self.model.module)
@@ -365,6 +364,11 @@ class Trainer:
         self._advance()
         return {"step": self.state.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                 "grad_norm": None, "skipped": True, **self.clock.stop(0), "loads_LE": None}
+
+    @property
+    def first_sample(self) -> int:
+        """The first global sample of the train split the next step reads."""
+        return self.cfg.data.start_sample + self.state.consumed_samples
 
     def _advance(self) -> None:
         self.state.step += 1
@@ -425,39 +429,9 @@ class Trainer:
             self._batches.close()
 
 
-def run(cfg: RunConfig) -> None:
-    """``moue-pretrain``: check the run, start the process groups, build, train."""
-    env = launch.read_launch_env()
-    layout = check_run(cfg, env.world_size)
-    check_training(cfg)
-    plan = plan_run(cfg)  # what this machine cannot serve is refused before any process group
-    launch.init_distributed(layout, device="auto", env=env)
-    if env.rank == 0:
-        pool = (f", pool {plan.expert_impl}" + (f" ({plan.grouped_gemm} grouped GEMM)"
-                                                 if plan.grouped_gemm else "")
-                if plan.expert_impl != "none" else "")
-        recipe = f" ({plan.fp8_recipe})" if plan.fp8_recipe else ""
-        print(f"moue-pretrain: {plan.transformer_impl} layers{pool}, {plan.precision}{recipe}, "
-              f"fusions {'on' if plan.fusions else 'off'}, weight-gradient accumulation "
-              f"{'fused' if plan.grad_accum_fusion else 'unfused'}", file=sys.stderr)
-        scores = local_attention_warning(cfg, plan, Capabilities.detect())
-        if scores:
-            print(f"moue-pretrain: warning: {scores}", file=sys.stderr)
-    if cfg.data.mock and env.rank == 0:
-        print("moue-pretrain: data: synthetic tokens (data.mock); give data.path=PREFIX (a "
-              "moue-preprocess output) to train on a dataset", file=sys.stderr)
-    if not cfg.model.dense and top1_post_softmax(cfg.moe) and env.rank == 0:
-        print("moue-pretrain: note: moe.topk=1 with post-softmax scores gives every token a gate "
-              "of 1, so the router learns only from the balance loss; set moe.pre_softmax=true "
-              "for gates that carry the language-model gradient", file=sys.stderr)
-    try:
-        train(cfg, layout, launch.resolve_device("auto"))
-    finally:
-        launch.shutdown()
-
-
 def train(cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> Trainer:
-    """Build and train on an initialised world (``run`` starts one; tests reuse theirs). Returns
+    """Build and train on an initialised world (``moue.commands.pretrain`` starts one; tests
+    reuse theirs). Returns
     the Trainer, closed (``Trainer.close``): its model and data stay readable."""
     if check_run(cfg, layout.world_size) != layout:
         raise ValueError(f"the layout {layout.describe()} is not the one cfg.parallel gives")

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from moue import checkpoint
-from moue.training.evaluate import token_logits, tokens_config
+from moue.commands.evaluate import token_logits, tokens_config
 from moue.training.trainer import Trainer
 from parallel.launch import init_model_parallel, seed_everything
 from parallel.layout import ParallelLayout

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import tempfile
 from functools import partial
@@ -147,6 +148,42 @@ CASES.add("resume[ep2,sigterm,elastic]",
 CASES.add("elastic_always_full[single]",
           partial(_train, "single", "elastic.enabled=true", "elastic.layers_full_prob=1",
                   "elastic.experts_full_prob=1", "elastic.topk_full_prob=1"), nproc=1)
+
+
+# --- Continuing a trained model on the data it has not seen (data.start_sample) -----------------
+
+
+def _continue_case() -> dict:
+    """At a constant LR: 4 steps straight; 2 steps, saved as a model-only checkpoint; that
+    checkpoint trained on from data.start_sample = 2 global batches, and from 0."""
+    from moue.checkpoint import save_model
+
+    base = Path(tempfile.gettempdir()) / f"moue-continue-{os.environ['MASTER_PORT']}"
+    layout = ParallelLayout(world_size=1)
+    constant = [*RESUME, "parallel.ep=1", "train.warmup_steps=0", "train.min_lr=0.003",
+                "train.lr=0.003"]
+
+    def run(tag, *extra):
+        cfg = load_config(CONFIG, [*constant, f"logging.dir={base / tag}", *extra])
+        init_model_parallel(layout)
+        trainer = train(cfg, layout, torch.device("cpu"))
+        return cfg, trainer, [v[0] for v in _losses(base / tag / "metrics.jsonl").values()]
+
+    _, _, straight = run("straight")
+    cfg, trainer, first_two = run("two", "train.steps=2")
+    weights = base / "weights"
+    save_model(weights / "step_0000000", trainer.model.module, cfg, trainer.pg)
+    (weights / "latest").write_text("step_0000000\n")
+    batch = cfg.train.global_batch_size
+    losses = {"straight": straight, "first_two": first_two}
+    for start in (2 * batch, 0):  # each from its own copy: a run saves into its checkpoint.dir
+        copy = shutil.copytree(weights, base / f"weights_{start}")
+        losses[f"from_{start}"] = run(f"from_{start}", f"checkpoint.dir={copy}",
+                                      f"data.start_sample={start}", "train.steps=2")[2]
+    return {**losses, "batch": batch}
+
+
+CASES.add("continue[single]", _continue_case, nproc=1)
 
 
 # --- Non-finite losses ---------------------------------------------------------------------
