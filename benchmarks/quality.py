@@ -178,7 +178,8 @@ def _params(overrides: list[str]) -> dict:
     from moue.dry_run import report
 
     out = report(load_config(None, [*overrides, "data.mock=true"]), world_size=1)
-    return {"total": out["params_total"], "active": out["params_active"]}
+    return {"total": out["params_total"], "active": out["params_active"],
+            "train_flops_per_token": out["train_flops_per_token"]}
 
 
 def table(results: list[dict], names: dict, params: dict) -> list[str]:

@@ -12,9 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _smoke(script: str, tmp_path) -> tuple[subprocess.CompletedProcess, dict]:
-    """Run a training benchmark at its smoke preset on a small built-in corpus; returns the
-    process and its --json figures."""
+def _smoke(script: str, tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run a training benchmark at its smoke preset on a small built-in corpus (``extra``: more
+    arguments); returns the process and its --json figures."""
     from data_tools.corpus import build_stdlib_corpus
     from data_tools.preprocess import preprocess
 
@@ -24,7 +24,7 @@ def _smoke(script: str, tmp_path) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "figures.json"
     proc = subprocess.run([sys.executable, script, "--preset", "smoke",
                            "--data", str(tmp_path / "stdlib"), "--work-dir", str(tmp_path / "runs"),
-                           "--json", str(out)],
+                           "--json", str(out), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -83,6 +83,24 @@ def test_every_quality_preset_builds_valid_matched_configs():
             assert abs(p["active"] / params["moe"]["active"] - 1) < 0.01, (name, v, p)
 
 
+def test_every_scaling_size_builds_valid_matched_configs():
+    from benchmarks import scaling
+
+    for name, series in scaling.SERIES.items():
+        ep_ranks = 2 if name == "smoke" else 4  # the smoke test's --ep-ranks
+        active = []
+        for size in series["sizes"]:
+            preset = size.preset(series["seq"], series["batch"], series["experts_per_layer"],
+                                 series["eval_iters"])
+            overrides = scaling.variants(preset, ep_ranks)
+            params = {v: scaling._params([*preset.shape, *overrides[theirs][1]])
+                      for v, theirs in scaling.VARIANTS.items()}
+            for v, p in params.items():  # matched: the MoE's activated parameters within 1%
+                assert abs(p["active"] / params["moe"]["active"] - 1) < 0.01, (name, size, v)
+            active.append(params["moe"]["active"])
+        assert active == sorted(active) and len(set(active)) == len(active)  # sizes grow
+
+
 @pytest.mark.slow
 def test_elastic_benchmark_trains_plain_and_elastic_and_tables_their_families(tmp_path):
     proc, figures = _smoke("benchmarks/elastic.py", tmp_path)
@@ -98,6 +116,23 @@ def test_elastic_benchmark_trains_plain_and_elastic_and_tables_their_families(tm
     assert all(sorted(r["val_curve"]) == ["0", "4", "8"] for r in runs)  # JSON keys
     assert "ERNIE 5.0 ablation form" in proc.stdout and "| depth (4L / 3L) |" in proc.stdout
     assert "| elastic | " in proc.stdout.split("Full model against plain")[1]
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_compares_the_variants_at_every_size(tmp_path):
+    proc, figures = _smoke("benchmarks/scaling.py", tmp_path, "--ep-ranks", "2")
+    runs = figures["runs"]
+    sizes = ["hidden 32, 2 layers", "hidden 48, 3 layers"]
+    assert [(r["size"], r["variant"], r["seed"]) for r in runs] == [
+        (size, v, s) for size, seeds in zip(sizes, ((1234, 1235), (1234,)), strict=True)
+        for v in ("moe", "moue", "dense") for s in seeds]
+    small, large = (next(r for r in runs if r["size"] == s and r["variant"] == "moe")
+                    for s in sizes)
+    assert large["params_active"] > small["params_active"]
+    assert large["train_flops"] > small["train_flops"] and large["tokens"] > small["tokens"]
+    assert all(r["val_loss"] > 0 for r in runs)
+    assert "| hidden 48, 3 layers |" in proc.stdout and "moue minus moe, paired" in proc.stdout
+    assert (tmp_path / "runs" / "scaling.png").stat().st_size > 0
 
 
 @pytest.mark.slow
