@@ -40,6 +40,12 @@ META = "trainer.pt"
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 
 
+# Model state added after checkpoints of earlier moue versions were written: loading one without
+# it keeps the module's initial value (the EP selection bias: zeros, no bias), so those
+# checkpoints still resume and evaluate.
+ADDED_LATER = ("decoder.pool_balance.bias_LE",)
+
+
 def sharded_state(module, pg_collection) -> dict:
     """``module``'s (one rank's unwrapped chunk) sharded state dict, as checkpoints hold it."""
     state = module.sharded_state_dict()
@@ -49,6 +55,21 @@ def sharded_state(module, pg_collection) -> dict:
             replica = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
             sh.replica_id = (pp_rank, *replica[1:])
     return state
+
+
+def state_to_load(module, pg_collection, path: Path) -> tuple[dict, dict]:
+    """``sharded_state`` less the ``ADDED_LATER`` keys checkpoint ``path`` lacks, and those keys'
+    current values in ``module`` (to load beside what the checkpoint gives)."""
+    state = sharded_state(module, pg_collection)
+    wanted = [k for k in ADDED_LATER if k in state]
+    if not wanted:
+        return state, {}
+    stored = dist_checkpointing.load_tensors_metadata(str(path))
+    absent = [k for k in wanted if k not in stored]
+    for key in absent:
+        del state[key]
+    own = module.state_dict()
+    return state, {k: own[k] for k in absent}
 
 
 def barrier() -> None:
@@ -180,12 +201,12 @@ def load_model(path: Path, module, run_config, pg_collection) -> dict:
     under any layout, in any dtype) into ``module``; returns its ``trainer.pt``."""
     meta = saved_config(path)
     check_architecture(meta["config"], run_config, path)
+    state, own = state_to_load(module, pg_collection, path)
     try:
-        loaded = dist_checkpointing.load({"model": sharded_state(module, pg_collection)},
-                                         str(path))
+        loaded = dist_checkpointing.load({"model": state}, str(path))
     except (Exception, CheckpointException) as err:  # torch's is a BaseException
         raise unloadable(path, "the model's shards", err, every_rank=False) from err
-    module.load_state_dict(loaded["model"])
+    module.load_state_dict({**loaded["model"], **own})
     return meta
 
 

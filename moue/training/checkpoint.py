@@ -54,6 +54,7 @@ from moue.checkpoint import (
     named_by_latest,
     saved_config,
     sharded_state,
+    state_to_load,
     step_checkpoints,
     step_of,
     unloadable,
@@ -151,7 +152,7 @@ def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection) 
         optimizer.reload_model_params()  # the fp32 main copies of bf16 weights
         return None
     check_architecture(meta["config"], run_config, path)
-    model_state = sharded_state(model, pg_collection)
+    model_state, own = state_to_load(model, pg_collection, path)
     init_optimizer_state(optimizer)
     wanted = {"model": model_state,
               "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True,
@@ -160,7 +161,7 @@ def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection) 
         loaded = dist_checkpointing.load(wanted, str(path))
     except (Exception, CheckpointException) as err:  # torch's is a BaseException
         raise unloadable(path, "the model and optimizer shards", err, every_rank=False) from err
-    model.load_state_dict(loaded["model"])
+    model.load_state_dict({**loaded["model"], **own})
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     for index, part in enumerate(parts):
         load_distributed_optimizer_state(part, _part_state(loaded["optimizer"], index, part,

@@ -1,5 +1,6 @@
 """Cases: moue-pretrain's training loop (moue.training.trainer) under parallel layouts."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from megatron.core import dist_checkpointing
 
 from moue.config import load_config
 from moue.training.trainer import train
@@ -79,8 +81,10 @@ def _losses(path: Path) -> dict:
 _STRAIGHT: dict[tuple, dict] = {}  # (layout, config) -> the uninterrupted run's losses
 
 
-def _resume_case(name: str, interrupt: str, *extra_config: str) -> dict:
-    """Uninterrupted 4 steps vs. interrupted after step 2 (how: ``interrupt``) and resumed."""
+def _resume_case(name: str, interrupt: str, *extra_config: str,
+                 written_by=contextlib.nullcontext) -> dict:
+    """Uninterrupted 4 steps vs. interrupted after step 2 (how: ``interrupt``) and resumed;
+    ``written_by``: a context the interrupted run (which writes the checkpoint) runs in."""
     import moue.training.checkpoint as checkpoint
     import moue.training.trainer as training
 
@@ -90,7 +94,7 @@ def _resume_case(name: str, interrupt: str, *extra_config: str) -> dict:
     layout = ParallelLayout(world_size=world, tp=tp, pp=pp, ep=ep)
     par = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}"]
 
-    base = base / ("elastic" if extra_config else "plain")
+    base = base / ("elastic" if extra_config else "plain") / written_by.__name__
 
     def run(tag, *extra):
         cfg = load_config(CONFIG, [*RESUME, *par, f"logging.dir={base / tag}", *extra,
@@ -122,19 +126,43 @@ def _resume_case(name: str, interrupt: str, *extra_config: str) -> dict:
     training.Trainer.train_step = step_then
     checkpoint.dist_checkpointing.save = failing_save if interrupt == "crash_during_save" else original_save
     try:
-        run("interrupted", *ckpt)
+        with written_by():
+            run("interrupted", *ckpt)
     except RuntimeError:
         torch.distributed.barrier()
     finally:
         training.Trainer.train_step = original_step
         checkpoint.dist_checkpointing.save = original_save
     latest = (base / "ckpt" / "latest").read_text().strip()
+    stored = dist_checkpointing.load_tensors_metadata(str(base / "ckpt" / latest))
     run("resumed", *ckpt)
     return {"straight": _STRAIGHT[key],
             "resumed": _losses(base / "resumed" / "metrics.jsonl"),
-            "latest_after_interrupt": latest}
+            "latest_after_interrupt": latest,
+            "stored_ep_bias": "decoder.pool_balance.bias_LE" in stored}
 
 
+@contextlib.contextmanager
+def _without_the_ep_bias():
+    """Checkpoints as moue wrote them before the EP selection bias existed: no bias_LE."""
+    from moue.model.balance import Balance
+
+    original = Balance.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._non_persistent_buffers_set.add("bias_LE")
+
+    Balance.__init__ = init
+    try:
+        yield
+    finally:
+        Balance.__init__ = original
+
+
+CASES.add("resume[single,older_checkpoint]",
+          partial(_resume_case, "single", "crash_after_checkpoint",
+                  written_by=_without_the_ep_bias), nproc=1)
 for _how in ("sigterm", "crash_after_checkpoint", "crash_during_save"):
     CASES.add(f"resume[single,{_how}]", partial(_resume_case, "single", _how), nproc=1)
 CASES.add("resume[ep2,sigterm]", partial(_resume_case, "ep2", "sigterm"), nproc=2)
