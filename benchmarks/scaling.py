@@ -9,9 +9,12 @@ At each size, ``benchmarks/quality.py``'s comparison on the same tokens and seed
 The sizes grow hidden and depth together (hidden 64 / 4 layers, 96 / 6, 128 / 8 on the CPU
 preset; N = 4 experts of the hidden size per layer, top-2) and the tokens grow with them, but
 slower than a compute-optimal rule asks: Chinchilla's rule keeps tokens in proportion to
-parameters (x3.4 and x8 here), which would take the largest size alone past a day on 2 CPU
-cores; the CPU preset grows them as parameters^(1/3) (800, 1200, 1600 steps of 16 x 128 byte
-tokens), so the larger sizes are trained on fewer tokens per parameter, and the table says so.
+parameters (x2.9 and x6.3 here), which would take the largest size alone to about 6 hours on 2
+CPU cores; the CPU preset grows them as the square root of the activated parameters (800, 1350,
+2000 steps of 16 x 128 byte tokens), so the larger sizes see fewer tokens per parameter, and the
+table says how many. Measured step times on 2 CPU cores (one thread per run): 0.16 / 0.30 /
+0.52 s for the MoE and 0.19 / 0.34 / 0.54 s for MoUE at the three sizes; the preset takes about
+1.5-2 hours.
 
 Prints one row per size (held-out loss, mean +- std over seeds; MoUE and dense minus MoE paired
 by seed; tokens per activated parameter; the training FLOPs; MoUE's per-layer tokens per EP
@@ -72,9 +75,11 @@ class Size:
 
 
 SERIES = {
-    "cpu": dict(sizes=(Size(4, 64, 800, 3), Size(6, 96, 1200, 3), Size(8, 128, 1600, 2)),
+    # tokens in proportion to the square root of the MoE's activated parameters (181,824,
+    # 519,648 and 1,153,152: x2.86 and x6.34), from 800 steps at the smallest size
+    "cpu": dict(sizes=(Size(4, 64, 800, 3), Size(6, 96, 1350, 3), Size(8, 128, 2000, 2)),
                 seq=128, batch=16, experts_per_layer=4, eval_iters=32,
-                about="2 CPU cores, about 2 hours"),
+                about="2 CPU cores, about 1.5-2 hours"),
     "smoke": dict(sizes=(Size(2, 32, 4, 2), Size(3, 48, 6, 1)), seq=32, batch=4,
                   experts_per_layer=2, eval_iters=2, about="under a minute"),
 }
