@@ -5,8 +5,9 @@ What is written: a ``checkpoint.dir`` whose ``step_0000000`` is a model-only che
 source's dtype, ``config.yaml`` (``checkpoint.dir`` is the output; the overrides given to the
 command apply: the layout, the schedule of continued training; ``data.start_sample`` is where
 the full model's run stopped, so continued training reads data it has not seen) and
-``submodel.json`` (where it came from). ``moue-pretrain --config OUT/config.yaml`` continues training it under any layout
-(step 0, a fresh optimizer, the configured schedule); ``moue-eval --load OUT`` evaluates it. It
+``submodel.json`` (where it came from). ``moue-pretrain --config OUT/config.yaml`` continues
+training it under any layout (step 0, a fresh optimizer, the configured schedule);
+``moue-eval --load OUT`` evaluates it. It
 runs as one process on the CPU, with no optimizer: the full model is loaded whole (whatever
 layout it was saved under) beside the sub-model. The output appears under its final name only
 once complete.

@@ -15,11 +15,10 @@ onto the model by the forward step, just before that micro-batch's forward on ea
 (``moue.elastic.apply``). Draws depend on ``(train.seed, step, micro-batch)`` alone. Evaluation
 runs the full model.
 
-Data order: step ``k`` (from 0) reads global samples ``[N + k*G, N + (k+1)*G)`` of the train split
-(``G`` the global batch, ``N`` = ``data.start_sample``), each data-parallel rank its contiguous
-slice in micro-batches, so the order is
-the same under every layout and a resumed run continues exactly (``moue.training.batches``
-loads them ahead of the step).
+Data order: step ``k`` (from 0) reads global samples ``[N + k*G, N + (k+1)*G)`` of the train
+split (``G`` the global batch, ``N`` = ``data.start_sample``), each data-parallel rank its
+contiguous slice in micro-batches, so the order is the same under every layout and a resumed run
+continues exactly (``moue.training.batches`` loads them ahead of the step).
 """
 
 from __future__ import annotations
