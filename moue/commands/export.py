@@ -7,10 +7,9 @@ command apply: the layout, the schedule of continued training; ``data.start_samp
 the full model's run stopped, so continued training reads data it has not seen) and
 ``submodel.json`` (where it came from). ``moue-pretrain --config OUT/config.yaml`` continues
 training it under any layout (step 0, a fresh optimizer, the configured schedule);
-``moue-eval --load OUT`` evaluates it. It
-runs as one process on the CPU, with no optimizer: the full model is loaded whole (whatever
-layout it was saved under) beside the sub-model. The output appears under its final name only
-once complete.
+``moue-eval --load OUT`` evaluates it. It runs as one process on the CPU, with no optimizer:
+the full model is loaded whole (whatever layout it was saved under) beside the sub-model. The
+output appears under its final name only once complete.
 """
 
 from __future__ import annotations
