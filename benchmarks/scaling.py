@@ -48,6 +48,7 @@ from benchmarks.quality import (  # noqa: E402
     mean_std,
     model_shape,
     prepare_data,
+    save_figure,
     train_run,
     variants,
 )
@@ -159,11 +160,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xlabel("training FLOPs (6 x applied parameters per token + attention, x tokens)")
     ax.set_ylabel("held-out loss (nats/token), mean over seeds")
     ax.set_title("held-out loss against training compute, one point per size")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def main(argv=None) -> int:
