@@ -90,10 +90,13 @@ CASES.add("grouped_to_sequential[single]",
 # full recompute; co-activation draws alike in the no-grad pass and the recomputed one).
 # Dense layers between the MoE layers and a shared expert, so "mlp" and "shared_experts" apply.
 # Elastic micro-batches with every axis reduced often: under PP=2 a micro-batch's recomputation
-# comes after later micro-batches have put their draws on the model.
+# comes after later micro-batches have put their draws on the model. The EP selection bias on,
+# at a rate that changes choices within the 4 steps: state every router reads, which must be the
+# same in a micro-batch's first pass and its recomputation (it moves only after the step).
 ELASTIC = ("elastic.enabled=true", "elastic.coactivation_prob=0.5", "elastic.sharpen_coeff=0.01",
            "elastic.layers_full_prob=0.5", "elastic.experts_full_prob=0.5",
-           "elastic.topk_full_prob=0.5", "model.moe_layer_freq=2", "moe.shared_experts=1")
+           "elastic.topk_full_prob=0.5", "model.moe_layer_freq=2", "moe.shared_experts=1",
+           "moe.ep_balance_rate=0.03")
 CASES.add("no_recompute[pp2]", partial(run, "norecompute_pp2", "pp2", *ELASTIC), nproc=2)
 CASES.add("full_recompute[pp2]",
           partial(run, "full_pp2", "pp2", "train.recompute=full", *ELASTIC), nproc=2)
