@@ -123,7 +123,7 @@ def run_series(name: str, data: str, work: Path, ep_ranks: int, jobs: int) -> li
 
 
 def table(results: list[dict]) -> list[str]:
-    lines = ["| size | params active (MoE) | tokens / active param | training PFLOP (MoE) "
+    lines = ["| size | params active (MoE) | tokens / active param | training TFLOP (MoE) "
              "| moe | moue | dense | moue minus moe, paired | dense minus moe, paired "
              "| moue EP-rank max/mean |", "|---" * 10 + "|"]
     for size in dict.fromkeys(r["size"] for r in results):
@@ -136,7 +136,7 @@ def table(results: list[dict]) -> list[str]:
         losses = " | ".join(mean_std([r["val_loss"] for r in runs[v]]) for v in VARIANTS)
         ep = statistics.fmean(r["ep_load_max_over_mean"] for r in runs["moue"])
         lines.append(f"| {size} | {moe['params_active']:,} | "
-                     f"{moe['tokens'] / moe['params_active']:.1f} | {moe['train_flops'] / 1e15:.2f} "
+                     f"{moe['tokens'] / moe['params_active']:.1f} | {moe['train_flops'] / 1e12:.1f} "
                      f"| {losses} | {paired['moue']} | {paired['dense']} | {ep:.2f} |")
     return lines
 
@@ -175,19 +175,28 @@ def main(argv=None) -> int:
                         help="EP degree of MoUE's EP-rank balance and of its figure")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="train nothing: print the table and draw the plot of the figures "
+                             "a previous --json wrote")
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
-    data = args.data or prepare_data(work)
-    results = run_series(args.preset, data, work, args.ep_ranks, args.jobs)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, 1 thread per run" + gpu_name()
+    if args.from_json:
+        recorded = json.loads(Path(args.from_json).read_text())
+        results, machine, preset = recorded["runs"], recorded["machine"], recorded["preset"]
+    else:
+        data = args.data or prepare_data(work)
+        results = run_series(args.preset, data, work, args.ep_ranks, args.jobs)
+        machine = f"{platform.machine()}, {os.cpu_count()} CPUs, 1 thread per run" + gpu_name()
+        preset = args.preset
     minutes = sum(r["seconds"] for r in results) / 60
-    print(f"\nHeld-out loss by size, preset {args.preset} - {machine}; {minutes:.0f} run-minutes "
+    print(f"\nHeld-out loss by size, preset {preset} - {machine}; {minutes:.0f} run-minutes "
           f"in all\n")
     for line in table(results):
         print(line)
+    work.mkdir(parents=True, exist_ok=True)
     plot(results, work / "scaling.png")
     print(f"\nloss against training FLOPs: {work / 'scaling.png'}")
-    if args.json:
+    if args.json and not args.from_json:
         Path(args.json).write_text(json.dumps(
             {"machine": machine, "preset": args.preset, "data_seed": DATA_SEED,
              "runs": results}, indent=2))

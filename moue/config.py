@@ -265,7 +265,7 @@ class TrainConfig(Section):
         None, "weight gradients written into Megatron's `main_grad` inside the GEMMs; null: on "
         "where Transformer Engine's layers and apex's kernel are (the GPU image), `false` turns "
         "it off; `true` on a CPU runs the stand-ins of both libraries, for tests "
-        "([gpu.md](gpu.md#gradient-accumulation-fusion-and-the-shared-pool))")
+        "([gpu.md](gpu.md#state-a-module-keeps-between-calls-the-shared-pool))")
     recompute: str = setting("none", "activation recomputation: `none`, `selective`, `full` "
                              "(each layer recomputed from its input in backward)")
     recompute_modules: list[str] | None = setting(
