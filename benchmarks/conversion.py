@@ -4,7 +4,10 @@ Per seed, on the same tokens in the same order (``benchmarks/quality.py``'s data
   base            a standard MoE (N experts in each of L layers) trained for S1 steps
 and then, each for S2 more steps from base's weights, reading the train split from where base
 stopped (sample S1 x G: ``moue-export`` and ``moue-convert widen`` write ``data.start_sample``),
-with a fresh optimizer and a warmup + cosine schedule of S2 steps:
+with a warmup + cosine schedule of S2 steps:
+  moe-adam        the standard continuation: the same standard MoE with base's Adam state
+                  (``checkpoint.init`` of base's training checkpoint, ``init_optimizer=true``)
+and, with a fresh Adam state, as a changed architecture must start:
   moe             the same standard MoE (``moue-export`` of the full model)
   widened W/R     ``moue-convert widen``: rotational windows of W experts opened over R steps,
                   swept over the preset's windows at its middle ramp and over its ramps at 2N
@@ -15,7 +18,8 @@ beside
 Every variant ends after S1 + S2 steps on S1 + S2 distinct batches and is evaluated on the same
 held-out samples; the table gives the final held-out loss (mean +- std over seeds), its
 difference from the continued MoE paired by seed, and the gain relative to it:
-``(loss_moe - loss) / loss_moe`` in percent (positive: lower loss than continuing the MoE).
+``(loss_moe - loss) / loss_moe`` in percent (positive: lower loss than continuing the MoE),
+and the same gain relative to ``moe-adam``.
 
     python benchmarks/conversion.py --preset cpu     # 2 CPU cores, about 30 minutes
 """
@@ -125,7 +129,11 @@ def one_seed(preset: Preset, shared: list[str], work: Path, seed: int) -> list[d
         starts[name] = ("convert", "widen", "--load", str(base), "--window", str(window),
                         "--steps", str(ramp), *(["moe.router_state_dim=32"] if state else []),
                         "--output")
-    results = []
+    batch = int(next(o for o in shared if o.startswith("train.global_batch_size=")).split("=")[1])
+    results = [train_run("moe-adam", seed, [
+        *shared, *standard, *_steps(preset.second, warm), f"checkpoint.init={base}",
+        "checkpoint.init_optimizer=true", f"data.start_sample={preset.first * batch}"],
+        root / "moe-adam", 1)]
     for name, start in starts.items():
         ckpt = root / name.replace(" ", "_").replace("=", "") / "ckpt"
         _cli(*start, str(ckpt))
@@ -139,23 +147,30 @@ def one_seed(preset: Preset, shared: list[str], work: Path, seed: int) -> list[d
     return results
 
 
+def _gain(runs: list[dict], reference: dict[int, float]) -> str:
+    """Mean +- std over seeds of ``(reference - loss) / reference`` in percent, paired by seed."""
+    gains = [100 * (reference[r["seed"]] - r["val_loss"]) / reference[r["seed"]] for r in runs]
+    spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+    return f"{statistics.fmean(gains):+.2f}% ± {spread:.2f}%"
+
+
 def table(results: list[dict], preset: Preset) -> list[str]:
-    base = {r["seed"]: r["val_loss"] for r in results if r["variant"] == "moe"}
-    names = {"moe": "standard MoE, continued",
+    by_seed = {v: {r["seed"]: r["val_loss"] for r in results if r["variant"] == v}
+               for v in ("moe", "moe-adam")}
+    names = {"moe-adam": "standard MoE, continued with its Adam state",
+             "moe": "standard MoE, continued with a fresh Adam",
              **{k: v[0] for k, v in variants(preset).items()},
              "moue-scratch": "MoUE from scratch"}
-    lines = ["| variant | held-out loss | minus continued MoE, paired | gain vs continued MoE |",
-             "|---|---|---|---|"]
+    lines = ["| variant | held-out loss | minus continued MoE, paired | gain vs continued MoE "
+             "| gain vs continued MoE with its Adam |", "|---|---|---|---|---|"]
     for v, name in names.items():
         runs = [r for r in results if r["variant"] == v]
-        diff = gain = "—"
-        if v != "moe":
-            diff = mean_std([r["val_loss"] - base[r["seed"]] for r in runs], "+")
-            gains = [100 * (base[r["seed"]] - r["val_loss"]) / base[r["seed"]] for r in runs]
-            spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
-            gain = f"{statistics.fmean(gains):+.2f}% ± {spread:.2f}%"
+        diff = "—" if v == "moe" else mean_std(
+            [r["val_loss"] - by_seed["moe"][r["seed"]] for r in runs], "+")
+        gain = "—" if v == "moe" else _gain(runs, by_seed["moe"])
+        gain_adam = "—" if v == "moe-adam" else _gain(runs, by_seed["moe-adam"])
         lines.append(f"| {v}: {name} | {mean_std([r['val_loss'] for r in runs])} | {diff} "
-                     f"| {gain} |")
+                     f"| {gain} | {gain_adam} |")
     return lines
 
 

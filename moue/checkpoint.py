@@ -117,15 +117,15 @@ def named_by_latest(root: str | Path) -> Path | None:
     return path
 
 
-def resolve(load: str | Path) -> Path:
-    """The checkpoint a ``--load`` path names: a ``checkpoint.dir`` (its ``latest``) or one
-    ``step_N`` directory."""
+def resolve(load: str | Path, name: str = "--load") -> Path:
+    """The checkpoint a path (the option or field ``name``) names: a ``checkpoint.dir`` (its
+    ``latest``) or one ``step_N`` directory."""
     load = Path(load)
     if (load / META).exists():
         return load
     if (load / "latest").exists():
         return named_by_latest(load)
-    raise UserError(f"--load {load}: not a checkpoint; give a checkpoint.dir (with a 'latest' "
+    raise UserError(f"{name}={load}: not a checkpoint; give a checkpoint.dir (with a 'latest' "
                     "file) or one of its step_N directories")
 
 
@@ -157,8 +157,10 @@ def next_sample(meta: dict) -> int:
     return start + meta.get("state", {}).get("consumed_samples", 0)
 
 
-def check_architecture(saved: dict, run_config, path: Path) -> None:
-    """Refuse loading a checkpoint of another model (``RunConfig.architecture``)."""
+def check_architecture(saved: dict, run_config, path: Path,
+                       fix: str = "use the same model/moe settings, or a new checkpoint.dir") -> None:
+    """Refuse loading a checkpoint of another model (``RunConfig.architecture``), naming each
+    field that differs and ``fix``."""
     current = run_config.architecture()
     # A field added after the checkpoint was written has its default there.
     defaults = type(run_config)().architecture()
@@ -171,7 +173,7 @@ def check_architecture(saved: dict, run_config, path: Path) -> None:
              if was(section, key) != value]
     if diffs:
         raise UserError(f"checkpoint {path} is of another model:\n  " + "\n  ".join(diffs)
-                        + "\nuse the same model/moe settings, or a new checkpoint.dir")
+                        + "\n" + fix)
 
 
 def stored_dtype(path: Path) -> torch.dtype:

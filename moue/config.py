@@ -385,11 +385,21 @@ class CheckpointConfig(Section):
                             "SIGTERM/SIGINT")
     keep_last: int = setting(2, "checkpoints kept (see "
                              "[training.md](training.md#checkpoints-checkpointdir---mouetrainingcheckpointpy))")
+    init: str | None = setting(
+        None, "a checkpoint (a `checkpoint.dir` or one `step_N`; a training or a model-only "
+        "one) whose weights start this run at step 0 when `checkpoint.dir` has none yet; "
+        "ignored once it has ([training.md](training.md#starting-from-another-runs-weights-checkpointinit))")
+    init_optimizer: bool = setting(
+        False, "with `init` a training checkpoint: take its Adam state too (moments and step "
+        "count); the schedule, the step and the data position start anew")
 
     def _validate(self):
         check(self.interval >= 0, "checkpoint.interval",
               self.interval, "must be an integer >= 0 (0 turns periodic checkpoints off)")
         positive("checkpoint", self, "keep_last")
+        check(bool(self.init) or not self.init_optimizer, "checkpoint.init_optimizer",
+              self.init_optimizer, "takes the optimizer state of checkpoint.init: set "
+              "checkpoint.init too, or leave init_optimizer false")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from data_tools.cli import data_info_main, preprocess_main
 from data_tools.tokenizer import load_tokenizer
@@ -60,6 +61,8 @@ def test_config_file_errors(tmp_path, capsys):
      "train.eval_interval=0"),
     ("data.blend=[data/a, 0.5]", "data.blend=['data/a', 0.5]: must alternate positive weights"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last=0: must be a positive integer"),
+    ("checkpoint.init_optimizer=true", "checkpoint.init_optimizer=True: takes the optimizer "
+     "state of checkpoint.init: set checkpoint.init too"),
     ("logging.ep_balance_ranks=3", "logging.ep_balance_ranks=3: must divide moe.num_experts=16"),
 ])
 def test_config_values_are_checked_against_their_declared_type_and_range(override, message):
@@ -207,6 +210,36 @@ def _pretrain(capsys, tmp_path, *extra, process: bool = False):
                           capture_output=True, text=True, timeout=300)
 
 
+def _checkpoint_init_is_checked_before_any_build(capsys, tmp_path, trained):
+    """checkpoint.init naming no checkpoint, one of another model, or (with init_optimizer) a
+    model-only one: named with the fix, exit status 2, nothing saved; a good one starts the run
+    at step 0 and says where the data of the run behind it stopped."""
+    fresh = tmp_path / "fresh"
+    missing = _pretrain(capsys, tmp_path, f"checkpoint.dir={fresh}",
+                        f"checkpoint.init={tmp_path / 'nope'}")
+    assert missing.returncode == 2
+    assert f"checkpoint.init={tmp_path / 'nope'}: not a checkpoint" in missing.stderr
+    other = _pretrain(capsys, tmp_path, f"checkpoint.dir={fresh}", f"checkpoint.init={trained}",
+                      "moe.window=4")
+    assert other.returncode == 2 and "moe.window: checkpoint 8, now 4" in other.stderr
+    assert "or another checkpoint.init" in other.stderr
+    model_only = tmp_path / "model_only" / "step_0000000"
+    model_only.mkdir(parents=True)
+    torch.save({"config": {}, "model_only": True}, model_only / "trainer.pt")
+    adam = _pretrain(capsys, tmp_path, f"checkpoint.dir={fresh}",
+                     f"checkpoint.init={model_only}", "checkpoint.init_optimizer=true")
+    assert adam.returncode == 2 and "is a model-only checkpoint" in adam.stderr
+    assert "set checkpoint.init_optimizer=false" in adam.stderr
+    assert not list(fresh.glob("step_*")) and "Traceback" not in adam.stderr + other.stderr
+    good = _pretrain(capsys, tmp_path, f"checkpoint.dir={fresh}", f"checkpoint.init={trained}",
+                     "checkpoint.init_optimizer=true", "train.steps=2",
+                     f"logging.dir={tmp_path / 'fresh_run'}")
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert "starting at step 0 from the weights and optimizer state of" in good.stderr
+    assert "data.start_sample=" in good.stderr  # the run behind it read 3 steps' samples
+    assert [p.name for p in fresh.glob("step_*")] == ["step_0000002"]
+
+
 def test_checkpoints_resume_with_new_training_knobs_and_damaged_ones_are_named(tmp_path, capsys):
     first = _pretrain(capsys, tmp_path, "train.steps=2", "checkpoint.interval=1")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -218,6 +251,7 @@ def test_checkpoints_resume_with_new_training_knobs_and_damaged_ones_are_named(t
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # The schedule's shape is the resumed run's: step 3 of 3 ends at its min_lr, not the old one.
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["lr"] == pytest.approx(2e-4)
+    _checkpoint_init_is_checked_before_any_build(capsys, tmp_path, tmp_path / "ckpt")
     other = _pretrain(capsys, tmp_path, "train.steps=4", "moe.window=4")
     assert other.returncode == 2 and "is of another model" in other.stderr
     assert "moe.window: checkpoint 8, now 4" in other.stderr

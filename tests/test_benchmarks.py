@@ -139,11 +139,13 @@ def test_scaling_benchmark_compares_the_variants_at_every_size(tmp_path):
 def test_conversion_benchmark_continues_base_as_moe_and_widened_moue(tmp_path):
     proc, figures = _smoke("benchmarks/conversion.py", tmp_path)
     assert [(r["variant"], r["seed"]) for r in figures["runs"]] == [
-        (v, 1234) for v in ("moe", "widened W=3 R=2", "widened W=4 R=2", "widened W=4 R=1",
+        (v, 1234) for v in ("moe-adam", "moe", "widened W=3 R=2", "widened W=4 R=2", "widened W=4 R=1",
                             "widened-state", "moue-scratch")]
     assert all(r["val_loss"] > 0 for r in figures["runs"])
     assert "| widened W=4 R=1: windows of 4, opened over 1 steps |" in proc.stdout
-    assert "gain vs continued MoE" in proc.stdout
+    assert "gain vs continued MoE with its Adam" in proc.stdout
+    loss = {r["variant"]: r["val_loss"] for r in figures["runs"]}
+    assert loss["moe-adam"] != loss["moe"]  # the same weights and data, another Adam state
 
 
 @pytest.mark.slow

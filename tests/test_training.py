@@ -259,6 +259,18 @@ def test_a_model_only_start_reads_the_train_split_from_data_start_sample():
     assert len(run["from_16"]) == 2
 
 
+def test_checkpoint_init_starts_a_new_run_from_a_training_checkpoint_with_or_without_adam():
+    """checkpoint.init of a training checkpoint saved after step 2, from sample 2G at the same
+    constant LR: with its Adam state (moments, step count) the new run's steps are steps 3-4 of
+    the uninterrupted run, bit for bit; without it they are the model-only start's (the same
+    weights, a fresh Adam), whose second step differs from the uninterrupted run's."""
+    run = launch(CASES, 1)["continue[single]"][0]
+    straight = run["straight"]
+    assert run["init_true"] == straight[2:4]
+    assert run["init_false"] == run["from_16"]
+    assert run["init_false"][1] != straight[3]
+
+
 def test_sigkill_after_a_checkpoint_then_the_same_command_resumes_exactly(tmp_path):
     """moue-pretrain under torchrun, SIGKILLed once a checkpoint exists - every process of the
     job, as a scheduler kills it (torchrun starts its workers in sessions of their own, so its

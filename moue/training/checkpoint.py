@@ -6,6 +6,11 @@ A training checkpoint's ``step_N`` holds the model and the optimizer (torch_dist
 live run (see ``run_lock``). A model-only checkpoint (an import, an export) starts a run at step
 0 with a fresh optimizer.
 
+A run whose ``checkpoint.dir`` holds no checkpoint yet starts from ``checkpoint.init``'s weights
+when it is set (``initial_checkpoint``), and with ``checkpoint.init_optimizer`` from its Adam
+state too (moments and Adam's step count): a new run, whose own step, schedule, data position
+and RNG start anew, as a continued pretraining or a new phase of one does.
+
 A checkpoint is written into ``.tmp_step_...`` and renamed when every rank has finished; only
 then is ``latest`` replaced (write-aside, then ``os.replace``). A process killed mid-save leaves
 ``latest`` pointing at the previous complete checkpoint.
@@ -52,6 +57,8 @@ from moue.checkpoint import (
     check_architecture,
     load_model,
     named_by_latest,
+    next_sample,
+    resolve,
     saved_config,
     sharded_state,
     state_to_load,
@@ -142,12 +149,50 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection) -> dict | None:
+def initial_checkpoint(run_config) -> Path | None:
+    """The checkpoint ``checkpoint.init`` names, checked before anything is built: it is a
+    checkpoint, of this model, and holds an optimizer state if ``init_optimizer`` asks for one.
+    None without ``init``, or when ``checkpoint.dir`` has a checkpoint (the run resumes that).
+    Reads only; every rank may call it."""
+    ckpt = run_config.checkpoint
+    if not ckpt.init or (ckpt.dir and named_by_latest(ckpt.dir)):
+        return None
+    path = resolve(ckpt.init, "checkpoint.init")
+    meta = saved_config(path)
+    if ckpt.init_optimizer and meta.get("model_only"):
+        raise UserError(f"checkpoint.init={ckpt.init}: {path} is a model-only checkpoint (an "
+                        "import or an export) and holds no optimizer state; set "
+                        "checkpoint.init_optimizer=false, or point checkpoint.init at a training "
+                        "checkpoint")
+    check_architecture(meta["config"], run_config, path,
+                       fix="use the model/moe settings it was trained with (its trainer.pt "
+                           "records them), or another checkpoint.init")
+    return path
+
+
+def describe_start(path: Path, run_config) -> str:
+    """The line a run started from ``checkpoint.init`` prints: what it took, and where its data
+    goes on from when ``data.start_sample`` does not already say."""
+    read_up_to = next_sample(saved_config(path))
+    hint = ("" if read_up_to in (0, run_config.data.start_sample) else
+            f"; the runs behind it read the train split up to sample {read_up_to} "
+            f"(data.start_sample={read_up_to} goes on from there)")
+    taken = ("weights and optimizer state" if run_config.checkpoint.init_optimizer
+             else "weights")
+    return f"moue: starting at step 0 from the {taken} of {path}{hint}"
+
+
+def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection,
+                    start: bool = False) -> dict | None:
     """Restore ``model`` and ``optimizer`` from ``path`` (saved under any layout) and this rank's
     RNG; returns the trainer's extra state (``save_checkpoint``'s ``extra_state``), or None for
-    a model-only checkpoint, whose weights start a fresh optimizer (its step 0)."""
+    a model-only checkpoint, whose weights start a fresh optimizer (its step 0).
+
+    ``start``: ``path`` is ``checkpoint.init``, which starts a new run: its weights, and with
+    ``checkpoint.init_optimizer`` its optimizer state; its step, schedule and RNG are not taken
+    (returns None)."""
     meta = saved_config(path)
-    if meta.get("model_only"):
+    if meta.get("model_only") or (start and not run_config.checkpoint.init_optimizer):
         load_model(path, model, run_config, pg_collection)
         optimizer.reload_model_params()  # the fp32 main copies of bf16 weights
         return None
@@ -168,6 +213,8 @@ def load_checkpoint(path: Path, *, model, optimizer, run_config, pg_collection) 
                                                            chained=len(parts) > 1))
     if len(parts) > 1:
         optimizer._synchronize_steps()
+    if start:
+        return None
     rng = path / f"rng_rank{torch.distributed.get_rank()}.pt"
     if rng.exists():  # absent when the checkpoint was saved with fewer processes
         try:

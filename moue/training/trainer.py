@@ -27,6 +27,7 @@ import itertools
 import math
 import os
 import signal
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -225,14 +226,22 @@ class Trainer:
             keep_last=ckpt.keep_last)
 
     def resume(self) -> None:
-        """Load the checkpoint ``checkpoint.dir/latest`` names, if there is one."""
-        path = checkpoint.latest_checkpoint(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else None
-        if path is not None:
-            state = checkpoint.load_checkpoint(path, model=self.model.module,
-                                               optimizer=self.optimizer, run_config=self.cfg,
-                                               pg_collection=self.pg)
-            if state is not None:  # None: a model-only checkpoint, trained on from step 0
-                self.load_state_dict(state)
+        """Load the checkpoint ``checkpoint.dir/latest`` names, if there is one; else start
+        from ``checkpoint.init``'s weights (and optimizer state), if it is set."""
+        ckpt = self.cfg.checkpoint
+        path = checkpoint.latest_checkpoint(ckpt.dir) if ckpt.dir else None
+        start = path is None
+        if start:
+            path = checkpoint.initial_checkpoint(self.cfg)
+        if path is None:
+            return
+        state = checkpoint.load_checkpoint(path, model=self.model.module,
+                                           optimizer=self.optimizer, run_config=self.cfg,
+                                           pg_collection=self.pg, start=start)
+        if state is not None:  # None: a new run from step 0 (model-only or checkpoint.init)
+            self.load_state_dict(state)
+        elif start and torch.distributed.get_rank() == 0:
+            print(checkpoint.describe_start(path, self.cfg), file=sys.stderr)
 
     # --- data ---
 
@@ -436,6 +445,7 @@ def train(cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> Train
         raise ValueError(f"the layout {layout.describe()} is not the one cfg.parallel gives")
     check_training(cfg)
     with checkpoint.run_lock(cfg.checkpoint.dir, cfg.logging.dir):
+        checkpoint.initial_checkpoint(cfg)  # a bad checkpoint.init is named before building
         launch.seed_everything(cfg.train.seed)
         with Trainer(cfg, layout, device) as trainer:  # closed however the run ends
             trainer.resume()

@@ -182,11 +182,14 @@ CASES.add("elastic_always_full[single]",
 
 
 def _continue_case() -> dict:
-    """At a constant LR: 4 steps straight; 2 steps, saved as a model-only checkpoint; that
-    checkpoint trained on from data.start_sample = 2 global batches, and from 0."""
+    """At a constant LR: 4 steps straight; 2 steps, saved as a model-only checkpoint and as a
+    training one; the model-only one trained on from data.start_sample = 2 global batches, and
+    from 0; the training one as checkpoint.init from 2 global batches, without and with its
+    Adam state."""
     from moue.checkpoint import save_model
 
     base = Path(tempfile.gettempdir()) / f"moue-continue-{os.environ['MASTER_PORT']}"
+    shutil.rmtree(base, ignore_errors=True)
     layout = ParallelLayout(world_size=1)
     constant = [*RESUME, "parallel.ep=1", "train.warmup_steps=0", "train.min_lr=0.003",
                 "train.lr=0.003"]
@@ -198,7 +201,7 @@ def _continue_case() -> dict:
         return cfg, trainer, [v[0] for v in _losses(base / tag / "metrics.jsonl").values()]
 
     _, _, straight = run("straight")
-    cfg, trainer, first_two = run("two", "train.steps=2")
+    cfg, trainer, first_two = run("two", "train.steps=2", f"checkpoint.dir={base / 'trained'}")
     weights = base / "weights"
     save_model(weights / "step_0000000", trainer.model.module, cfg, trainer.pg)
     (weights / "latest").write_text("step_0000000\n")
@@ -208,6 +211,10 @@ def _continue_case() -> dict:
         copy = shutil.copytree(weights, base / f"weights_{start}")
         losses[f"from_{start}"] = run(f"from_{start}", f"checkpoint.dir={copy}",
                                       f"data.start_sample={start}", "train.steps=2")[2]
+    for adam in ("false", "true"):
+        losses[f"init_{adam}"] = run(f"init_{adam}", f"checkpoint.init={base / 'trained'}",
+                                     f"checkpoint.init_optimizer={adam}",
+                                     f"data.start_sample={2 * batch}", "train.steps=2")[2]
     return {**losses, "batch": batch}
 
 
