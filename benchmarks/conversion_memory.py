@@ -7,12 +7,15 @@ other (never two at once):
   transformers    AutoModelForCausalLM.from_pretrained(dir, dtype=bfloat16).save_pretrained(out)
   moue import     moue-convert import --hf dir --output ckpt --tokenizer byte
   moue export     moue-convert export --load ckpt --hf-output out
+  ... 2 procs     the same two under ``torchrun --nproc_per_node=2``: each process holds half
+                  of the experts and the rest of the model
 The exported tensors are compared with the original ones (bit for bit; a mismatch fails the
 benchmark). Peak RSS is the kernel's ``ru_maxrss`` of the process (its largest descendant if
-larger: the checkpoint writer forks), against the model's bytes in bf16; "beyond fixed" takes
-away what the same tool needs for the tiny model (the interpreter and its libraries).
+larger: the checkpoint writer forks; under torchrun, the largest of its processes), against the
+model's bytes in bf16; "beyond fixed" takes away what the same tool needs for the tiny model
+(the interpreter and its libraries).
 
-    python benchmarks/conversion_memory.py --preset cpu     # tiny, 0.5B and 1.5B, about 5 minutes
+    python benchmarks/conversion_memory.py --preset cpu     # tiny, 0.5B and 1.5B, about 3 minutes
     python benchmarks/conversion_memory.py --preset smoke   # a tiny model, seconds
 """
 
@@ -98,12 +101,18 @@ def run_size(name: str, work: Path) -> list[dict]:
                            cwd=ROOT, env=ENV, capture_output=True, text=True, check=True)
     params, nbytes = int(built.stdout.split()[-1]), weight_bytes(hf)
     cli = [sys.executable, "-m", "moue.cli", "convert"]
+    spread = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              "-m", "moue.cli", "convert"]
     steps = {
         "transformers": [sys.executable, "-c", HF_ROUND_TRIP, str(hf), str(work / "hf-saved")],
         "moue import": [*cli, "import", "--hf", str(hf), "--output", str(work / "ckpt"),
                         "--tokenizer", "byte"],
         "moue export": [*cli, "export", "--load", str(work / "ckpt"), "--hf-output",
                         str(work / "exported")],
+        "import 2 procs": [*spread, "import", "--hf", str(hf), "--output", str(work / "ckpt2"),
+                           "--tokenizer", "byte"],
+        "export 2 procs": [*spread, "export", "--load", str(work / "ckpt2"), "--hf-output",
+                           str(work / "exported2")],
     }
     rows = []
     for tool, argv in steps.items():
@@ -111,8 +120,9 @@ def run_size(name: str, work: Path) -> list[dict]:
         rows.append({"size": name, "params": params, "model_bytes": nbytes, "tool": tool,
                      "seconds": round(seconds, 1), "peak_rss": peak,
                      "peak_over_model": round(peak / nbytes, 2)})
-    subprocess.run([sys.executable, "-c", COMPARE, str(hf), str(work / "exported")], cwd=ROOT,
-                   env=ENV, check=True, capture_output=True)
+    for exported in ("exported", "exported2"):
+        subprocess.run([sys.executable, "-c", COMPARE, str(hf), str(work / exported)], cwd=ROOT,
+                       env=ENV, check=True, capture_output=True)
     shutil.rmtree(work, ignore_errors=True)
     return rows
 

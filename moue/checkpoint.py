@@ -214,20 +214,25 @@ def load_model(path: Path, module, run_config, pg_collection) -> dict:
 
 def publish_new(out: Path, staging: Path, module, run_config, pg_collection,
                 files: dict[str, str | Path] | None = None) -> Path:
-    """The one writer of a new checkpoint directory (one process): ``module`` as the
-    model-only ``step_0000000``, ``latest``, ``config.yaml`` (``run_config``: the config to
-    train or evaluate it with, also recorded in the checkpoint) and ``files`` (name: text, or a
-    file to copy), all in ``staging``, then renamed to ``out``, the only step at which ``out``
-    appears (``moue.outputs.new_output`` gives both paths)."""
-    staging.mkdir(parents=True)
+    """The one writer of a new checkpoint directory: ``module`` as the model-only
+    ``step_0000000``, ``latest``, ``config.yaml`` (``run_config``: the config to train or
+    evaluate it with, also recorded in the checkpoint) and ``files`` (name: text, or a file to
+    copy), all in ``staging``, then renamed to ``out``, the only step at which ``out`` appears
+    (``moue.outputs.new_output`` gives both paths). Every process of the world calls it; each
+    writes its own shards, the first process the rest."""
+    first = torch.distributed.get_rank() == 0
+    if first:
+        staging.mkdir(parents=True)
     step = save_model(staging / "step_0000000", module, run_config, pg_collection)
-    (staging / "latest").write_text(step.name + "\n")
-    (staging / "config.yaml").write_text(yaml.safe_dump(run_config.to_dict(), sort_keys=False,
-                                                         default_flow_style=None))
-    for name, content in (files or {}).items():
-        if isinstance(content, Path):
-            shutil.copyfile(content, staging / name)
-        else:
-            (staging / name).write_text(content)
-    staging.rename(out)
+    if first:
+        (staging / "latest").write_text(step.name + "\n")
+        (staging / "config.yaml").write_text(yaml.safe_dump(
+            run_config.to_dict(), sort_keys=False, default_flow_style=None))
+        for name, content in (files or {}).items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, staging / name)
+            else:
+                (staging / name).write_text(content)
+        staging.rename(out)
+    barrier()
     return out

@@ -182,10 +182,10 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def _say_cpu(prog: str) -> None:
-    """Conversion and export run on the CPU on any node; on a GPU node, say so."""
-    if run_on_cpu_only():
-        print(f"{prog}: running on the CPU (this node's GPUs are hidden from this process: the "
-              "command holds the whole model in host memory)", file=sys.stderr)
+    """Conversion and export run on the CPU on any node; on a GPU node, say so (once a job)."""
+    if run_on_cpu_only() and global_rank_from_env() == 0:
+        print(f"{prog}: running on the CPU (this node's GPUs are hidden from it: the weights are "
+              "held in host memory)", file=sys.stderr)
 
 
 def export(argv: list[str] | None = None) -> int:
@@ -205,17 +205,21 @@ def export(argv: list[str] | None = None) -> int:
 CONVERT_EPILOG = """\
 examples:
   moue-convert import --hf ~/models/Qwen3-30B-A3B --output runs/qwen3
-  moue-convert import --megatron ~/megatron/checkpoints/moe --output runs/moe \
+  moue-convert import --megatron ~/megatron/checkpoints/moe --output runs/moe \\
       --tokenizer ~/tokenizers/tokenizer.json
   moue-pretrain --config runs/qwen3/config.yaml data.mock=false data.path=data/web   # continue
   moue-eval --load runs/qwen3 --tokens tokens.npy --logits logits.npy
   moue-convert export --load runs/qwen3 --hf-output runs/qwen3-hf
   moue-convert export --load runs/moue --hf-output runs/moue-hf --family mixtral
   moue-convert widen --load runs/qwen3 --output runs/qwen3-moue --window 256 --steps 1000
+  torchrun --nproc_per_node=8 -m moue.cli convert import --hf ~/models/Qwen3-30B-A3B \\
+      --output runs/qwen3            # each process holds 1/8 of the experts
 
 Supported: Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE; Megatron-LM torch_dist MoE checkpoints
-(docs/conversion.md). Every command runs as one CPU process holding the whole model in fp32,
-on any node: where GPUs are visible, they are hidden from it.
+(docs/conversion.md). Each command runs on the CPU, on any node (where GPUs are visible, they
+are hidden from it), with the weights in their own dtype (--dtype converts). One process holds
+the whole model; Hugging Face import and export also run under torchrun on N processes (N
+dividing the pool's experts), each holding its N-th of the experts and the rest of the model.
 """
 
 
@@ -277,6 +281,7 @@ def convert_parser() -> argparse.ArgumentParser:
 def convert(argv: list[str] | None = None) -> int:
     args = convert_parser().parse_args(argv)
     _say_cpu("moue-convert")
+    say = print if global_rank_from_env() == 0 else (lambda *_: None)  # once a job
     try:
         from moue.convert.huggingface import export_hf, import_hf
 
@@ -284,7 +289,7 @@ def convert(argv: list[str] | None = None) -> int:
             from moue.convert.widen import widen
 
             out = widen(args.load, args.output, args.window, args.steps, args.overrides)
-            print(f"moue-convert: wrote {out}; train it with moue-pretrain --config "
+            say(f"moue-convert: wrote {out}; train it with moue-pretrain --config "
                   f"{out / 'config.yaml'}")
         elif args.command == "import":
             if args.megatron:
@@ -294,11 +299,11 @@ def convert(argv: list[str] | None = None) -> int:
                                       args.dtype)
             else:
                 out = import_hf(args.hf, args.output, args.overrides, args.tokenizer, args.dtype)
-            print(f"moue-convert: wrote {out}; continue training with moue-pretrain --config "
+            say(f"moue-convert: wrote {out}; continue training with moue-pretrain --config "
                   f"{out / 'config.yaml'}, evaluate with moue-eval --load {out}")
         else:
             out, family = export_hf(args.load, args.hf_output, args.family, args.dtype)
-            print(f"moue-convert: wrote {out} ({family}); load it with "
+            say(f"moue-convert: wrote {out} ({family}); load it with "
                   f"transformers.AutoModelForCausalLM.from_pretrained('{out}')")
     except UserError as err:
         return report_user_error("moue-convert", err)

@@ -31,6 +31,7 @@ from moue.run_check import check_run  # noqa: E402
 from moue.training.trainer import train  # noqa: E402
 from parallel import launch as process_groups  # noqa: E402
 from parallel.errors import UserError  # noqa: E402
+from tests.commands import refused  # noqa: E402
 from tests.distributed import launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +165,119 @@ def test_moue_model_exports_as_private_expert_copies(tmp_path):
     diff = np.abs(_hf_logits(tmp_path / "hf", tokens) - np.load(tmp_path / "moue.npy")).max()
     print(f"rotational MoUE exported: max |logit difference| {diff:.2e}")
     assert diff <= TOL, diff
+
+
+def _torchrun(*args, ok=True):
+    """A moue command under torchrun on 2 CPU processes, as a user launches it."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "-m", "moue.cli", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("moue-convert: wrote") == 1, proc.stdout  # once a job
+    return proc
+
+
+def _hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory, through its index when it has one; checks
+    that the index names each tensor's file and the total size."""
+    index = directory / "model.safetensors.index.json"
+    if not index.exists():
+        return load_file(directory / "model.safetensors")
+    meta = json.loads(index.read_text())
+    tensors = {}
+    for file in sorted(set(meta["weight_map"].values())):
+        part = load_file(directory / file)
+        assert all(meta["weight_map"][name] == file for name in part), file
+        tensors.update(part)
+    assert sorted(tensors) == sorted(meta["weight_map"])
+    assert meta["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                 for t in tensors.values())
+    return tensors
+
+
+def test_import_and_export_under_torchrun_spread_the_experts(base, tmp_path):
+    """Qwen2-MoE (tied embeddings, dense layers, a gated shared expert) on 2 processes: the
+    import writes each process's shards, and its weights are the source's; the export of the
+    one-process import writes each process's safetensors files and an index, and transformers
+    gives the reference logits from it."""
+    family = "qwen2_moe"
+    imported, exported = tmp_path / "imported", tmp_path / "exported"
+    _torchrun("convert", "import", "--hf", str(base / family / "hf"), "--output", str(imported))
+    step = imported / "step_0000000"
+    assert {p.name for p in step.glob("__*.distcp")} >= {"__0_0.distcp", "__1_0.distcp"}
+    export_hf(str(imported), str(tmp_path / "back"), None)  # one process reads it whole
+    original = load_file(base / family / "hf" / "model.safetensors")
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(original[k], back[k]) for k in original)
+
+    _torchrun("convert", "export", "--load", str(base / family / "moue"), "--hf-output",
+              str(exported))
+    files = sorted(p.name for p in exported.glob("model-*.safetensors"))
+    assert files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    spread = _hf_tensors(exported)
+    assert sorted(spread) == sorted(original)
+    assert all(torch.equal(original[k], spread[k]) for k in original)
+    assert not list(tmp_path.glob(".*partial"))
+    logits = _hf_logits(exported, np.load(base / "tokens.npy"))
+    assert np.abs(logits - np.load(base / family / "reference_logits.npy")).max() <= 1e-6
+
+
+def test_fused_expert_tensors_import_under_torchrun(base, tmp_path):
+    """Experts stored fused (``experts.gate_up_proj`` [N, 2I, h], ``experts.down_proj``
+    [N, h, I]): each of 2 processes reads its own experts' rows, and the import holds the same
+    weights as the one-process import of the same model stored expert by expert."""
+    source = tmp_path / "hf"
+    shutil.copytree(base / "mixtral" / "hf", source)
+    tensors = load_file(source / "model.safetensors")
+    for i in range(2):
+        prefix = f"model.layers.{i}.block_sparse_moe.experts."
+        experts = [[tensors.pop(f"{prefix}{j}.{n}.weight") for n in ("w1", "w3", "w2")]
+                   for j in range(4)]
+        tensors[prefix + "gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u, _ in experts])
+        tensors[prefix + "down_proj"] = torch.stack([d for *_, d in experts])
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    _torchrun("convert", "import", "--hf", str(source), "--output", str(tmp_path / "moue"))
+    export_hf(str(tmp_path / "moue"), str(tmp_path / "back"), None)
+    export_hf(str(base / "mixtral" / "moue"), str(tmp_path / "reference"), None)
+    back, reference = (load_file(tmp_path / d / "model.safetensors") for d in ("back", "reference"))
+    assert sorted(back) == sorted(reference)
+    assert all(torch.equal(back[k], reference[k]) for k in reference)
+
+
+def test_bad_input_one_process_meets_stops_every_process_with_its_message(base, tmp_path):
+    """An expert's tensor missing: only the process holding pool expert 1 (rank 1) reads it; it
+    names the tensor, the other process says which one stopped, each exits with status 2
+    (no process waits for the failed one) and nothing is written."""
+    source = tmp_path / "hf"
+    shutil.copytree(base / "mixtral" / "hf", source)
+    _edit_tensors(source, lambda t: t.pop("model.layers.0.block_sparse_moe.experts.1.w1.weight"))
+    proc = _torchrun("convert", "import", "--hf", str(source), "--output", str(tmp_path / "out"),
+                     ok=False)
+    assert proc.returncode != 0
+    assert ("moue-convert: error (rank 1): --hf " in proc.stderr and
+            "has no tensor 'model.layers.0.block_sparse_moe.experts.1.w1.weight'" in proc.stderr)
+    assert "moue-convert: error: stopped: process 1 met bad input" in proc.stderr
+    assert "exitcode  : 2" in proc.stderr and "exitcode  : 1" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_spread_conversion_needs_a_process_count_dividing_the_experts(monkeypatch, base,
+                                                                     tmp_path, capsys):
+    """Under a launch of 3 processes: the import names the 8 experts and the fix; the commands
+    that hold the whole model refuse the launch, before any work."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(UserError, match="3 processes: the model has 8 experts in its pool, "
+                                        "which moue-convert spreads over its processes"):
+        import_hf(str(base / "mixtral" / "hf"), str(tmp_path / "o"), [])
+    assert not (tmp_path / "o").exists()
+    for argv in (["convert", "widen", "--load", str(base / "mixtral" / "moue"), "--window", "6",
+                  "--steps", "10", "--output", str(tmp_path / "w")],
+                 ["export", "--load", str(base / "mixtral" / "moue"), "--submodel", "layers=1",
+                  "--output", str(tmp_path / "e")]):
+        assert "runs as one process" in refused(capsys, *argv)
 
 
 TINY = ["model.num_layers=2", "model.activation=swiglu", "moe.router_state_dim=0",

@@ -23,8 +23,8 @@ from moue.commands.standalone import (
     loaded_chunk,
     new_chunk,
     new_output,
-    one_process,
-    one_process_config,
+    standalone_config,
+    standalone_world,
 )
 from moue.config import load_config
 from moue.elastic.extract import reachable_only, submodel_state, submodel_tree
@@ -45,7 +45,7 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
     meta = checkpoint.saved_config(path)
     saved = meta["config"]
     dtype = checkpoint.stored_dtype(path)
-    cfg = one_process_config(saved, dtype)
+    cfg = standalone_config(saved, dtype)
     choices = cfg.elastic_choices()
     if choices is None:
         raise UserError("this checkpoint is of the dense model (model.moe_layer_freq=0): it has "
@@ -63,8 +63,8 @@ def export(load: str, text: str, output: str, overrides: list[str]) -> Path:
         check_run(target)
     except UserError as err:
         raise UserError(f"the exported sub-model ({sub.label}): {err}") from None
-    single = one_process_config(tree, dtype)
-    with one_process(cfg, "moue-export") as pg:
+    single = standalone_config(tree, dtype)
+    with standalone_world(cfg, "moue-export") as pg:
         full = loaded_chunk(path, cfg, pg)
         # not initialised: every weight comes from the full model (load_state_dict is strict)
         module = new_chunk(single, pg, initialise=False)

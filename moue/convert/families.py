@@ -272,79 +272,92 @@ def unpack_qkv(cfg: RunConfig, qkv) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return tuple(t.reshape(-1, *qkv.shape[1:]) for t in (q, k, v))
 
 
-def _expert_tensors(tensors, family: Family, layer: int, n: int) -> list[tuple]:
-    """(gate, up, down) of each of layer ``layer``'s ``n`` experts, one by one or fused."""
+def _expert_tensors(tensors, family: Family, layer: int, wanted: list[int]) -> dict[int, tuple]:
+    """(gate, up, down) of each of layer ``layer``'s experts ``wanted`` (their indices in the
+    layer), stored one by one or fused; only those experts' bytes are read."""
     gate_n, up_n, down_n = family.expert_names
     for prefix in (f"model.layers.{layer}.{family.moe_prefix}.experts.",
                    f"model.layers.{layer}.mlp.experts."):
         if prefix + "gate_up_proj" in tensors.names():
-            gate_up, down = tensors.get(prefix + "gate_up_proj"), tensors.get(prefix + "down_proj")
-            return [(*gate_up[j].chunk(2, dim=0), down[j]) for j in range(n)]
+            return {j: (*tensors.get(prefix + "gate_up_proj", j).chunk(2, dim=0),
+                        tensors.get(prefix + "down_proj", j)) for j in wanted}
     prefix = f"model.layers.{layer}.{family.moe_prefix}.experts."
-    return [tuple(tensors.get(f"{prefix}{j}.{name}.weight") for name in (gate_n, up_n, down_n))
-            for j in range(n)]
+    return {j: tuple(tensors.get(f"{prefix}{j}.{name}.weight") for name in (gate_n, up_n, down_n))
+            for j in wanted}
 
 
 def to_moue(tensors, cfg: RunConfig, family: Family, module: torch.nn.Module) -> None:
-    """Copy a Hugging Face directory's ``tensors`` into ``module`` (moue's model on one process),
-    tensor by tensor: each is read, checked against the module's shape, converted to its dtype
-    and dropped, so at most one source tensor is held beside the model. Every parameter must
-    be given."""
-    expected, used, written = module.state_dict(), set(), set()
+    """Copy a Hugging Face directory's ``tensors`` into ``module`` (moue's model on this
+    process: all of it, or under a launch of several its share of the pool's experts and the
+    rest), tensor by tensor: each is read only when this process holds its place, checked
+    against the module's shape, converted to its dtype and dropped, so at most one source tensor
+    is held beside the model. Every parameter must be given."""
+    from moue.commands.standalone import POOL_EXPERTS, one_process_state
 
-    def take(name):
-        used.add(name)
-        return tensors.get(name)
+    expected, used, written = one_process_state(module, keep_vars=True), set(), set()
 
-    def put(key, value, source):
+    def put(key, read, *sources):
+        """``read()`` (of the Hugging Face tensors ``sources``) into ``key``, when held here."""
+        used.update(sources)
+        if key.startswith(POOL_EXPERTS) and key not in expected:  # another process's expert
+            return
+        value = read()
         want = tuple(expected[key].shape)
         if tuple(value.shape) != want:
-            raise UserError(f"{tensors.directory}: tensor {source} has shape "
+            raise UserError(f"{tensors.directory}: tensor {', '.join(sources)} has shape "
                             f"{list(value.shape)}, but config.json makes it {list(want)} (as "
-                            f"moue's {key}); the weights and config.json do not belong together")
+                            f"moue's {key}); the weights and config.json do not belong together",
+                            every_rank=False)  # under torchrun, met by the process reading it
         expected[key].copy_(value)
         written.add(key)
 
-    put("embedding.word_embeddings.weight", take("model.embed_tokens.weight"),
-        "model.embed_tokens.weight")
-    put("decoder.final_layernorm.weight", take("model.norm.weight"), "model.norm.weight")
+    def one(key, name):
+        put(key, lambda: tensors.get(name), name)
+
+    one("embedding.word_embeddings.weight", "model.embed_tokens.weight")
+    one("decoder.final_layernorm.weight", "model.norm.weight")
     if not cfg.model.tie_embeddings:
-        put("output_layer.weight", take("lm_head.weight"), "lm_head.weight")
+        one("output_layer.weight", "lm_head.weight")
     topology, moe_layers = cfg.topology(), cfg.model.moe_layers
     for i in range(cfg.model.num_layers):
         for hf_name, mo_name in _layer_names(family, cfg, i):
-            put(mo_name, take(hf_name), hf_name)
+            one(mo_name, hf_name)
         attn = f"model.layers.{i}.self_attn."
         qkv = f"decoder.layers.{i}.self_attention.linear_qkv."
         for kind in ("weight", "bias") if cfg.model.qkv_bias else ("weight",):
             names = [f"{attn}{x}_proj.{kind}" for x in "qkv"]
-            put(qkv + kind, pack_qkv(cfg, *(take(n) for n in names)), ", ".join(names))
+            put(qkv + kind, lambda n=names: pack_qkv(cfg, *(tensors.get(x) for x in n)), *names)
         for gate, up, fc1 in _fc1_pairs(family, cfg, i):
-            put(fc1, torch.cat([take(gate), take(up)]), f"{gate} + {up}")
+            put(fc1, lambda g=gate, u=up: torch.cat([tensors.get(g), tensors.get(u)]), gate, up)
         if i in moe_layers:
             eligible = topology.eligible(moe_layers.index(i)).tolist()
-            experts = _expert_tensors(tensors, family, i, len(eligible))
+            key = "decoder.expert_pool.local_experts.{}.linear_fc{}.weight"
+            held = [j for j, e in enumerate(eligible) if key.format(e, 1) in expected]
+            experts = _expert_tensors(tensors, family, i, held)
             prefix = f"model.layers.{i}.{family.moe_prefix}.experts."
             used.update(n for n in tensors.names() if n.startswith((prefix, f"model.layers.{i}.mlp.experts.")))
-            for pool_id, (gate, up, down) in zip(eligible, experts, strict=True):
-                key = f"decoder.expert_pool.local_experts.{pool_id}.linear_fc"
-                put(key + "1.weight", torch.cat([gate, up]), f"{prefix}* (gate, up)")
-                put(key + "2.weight", down, f"{prefix}* (down)")
+            for j, (gate, up, down) in experts.items():
+                put(key.format(eligible[j], 1), lambda g=gate, u=up: torch.cat([g, u]),
+                    f"{prefix}{j} (gate, up)")
+                put(key.format(eligible[j], 2), lambda d=down: d, f"{prefix}{j} (down)")
     unused = sorted(n for n in tensors.names() - used if not n.endswith("rotary_emb.inv_freq")
                     and not (cfg.model.tie_embeddings and n == "lm_head.weight"))
     if unused:
         raise UserError(f"{tensors.directory}: tensors {unused[:4]}{' ...' if len(unused) > 4 else ''}"
                         f" have no place in a {family.model_type} model of this config.json; "
-                        "the weights and config.json do not belong together")
-    unset = sorted(n for n, _ in module.named_parameters() if n not in written)
+                        "the weights and config.json do not belong together", every_rank=False)
+    unset = sorted(k for k, v in expected.items()
+                   if isinstance(v, torch.nn.Parameter) and k not in written)
     if unset:  # a family's tensor moue has no mapping for: a bug, not the user's input
         raise RuntimeError(f"no Hugging Face tensor was mapped to {unset[:3]}")
 
 
-def to_hf(state: dict, cfg: RunConfig, family: Family) -> dict[str, torch.Tensor]:
-    """The Hugging Face tensors of moue's one-process ``state``: each MoE layer's experts are
-    private copies of its window's pool experts, in ascending pool order (as its router rows);
-    views of ``state`` wherever the layouts allow."""
+def to_hf(state: dict, cfg: RunConfig, family: Family,
+          held: set[int] | None = None) -> dict[str, torch.Tensor]:
+    """The Hugging Face tensors of ``state`` (moue's model under one process's names: all of it,
+    or the pool experts ``held`` and the rest): each MoE layer's experts are private copies of
+    its window's pool experts, in ascending pool order (as its router rows); views of ``state``
+    wherever the layouts allow."""
     out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"]}
     topology, moe_layers = cfg.topology(), cfg.model.moe_layers
     gate_n, up_n, down_n = family.expert_names
@@ -362,6 +375,8 @@ def to_hf(state: dict, cfg: RunConfig, family: Family) -> dict[str, torch.Tensor
             eligible = topology.eligible(moe_layers.index(i)).tolist()
             prefix = f"model.layers.{i}.{family.moe_prefix}.experts."
             for j, pool_id in enumerate(eligible):
+                if held is not None and pool_id not in held:  # another process's expert
+                    continue
                 key = f"decoder.expert_pool.local_experts.{pool_id}.linear_fc"
                 gate, up = state[key + "1.weight"].chunk(2, dim=0)
                 out[f"{prefix}{j}.{gate_n}.weight"] = gate

@@ -91,7 +91,8 @@ class Tensors:
         if name not in self.files:
             raise UserError(f"--hf {self.directory}: has no tensor {name!r}, which this "
                             "architecture's config.json requires; the weights and config.json do "
-                            "not belong together (or the download is incomplete)")
+                            "not belong together (or the download is incomplete)",
+                            every_rank=False)  # under torchrun: maybe one process's expert
         return self.files[name]
 
     def _read(self, name: str, what):
@@ -102,7 +103,8 @@ class Tensors:
                 return what(f)
         except (SafetensorError, OSError) as err:
             raise UserError(f"{path}: cannot read tensor {name!r} ({err}); the file is damaged "
-                            "or incomplete: download it again") from None
+                            "or incomplete: download it again",
+                            every_rank=False) from None  # under torchrun: maybe one process's
 
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of tensor ``name``, from its shard's header (no data read)."""
@@ -113,30 +115,46 @@ class Tensors:
                             "them (save_pretrained after model.to(torch.bfloat16))")
         return STORED_DTYPES[stored]
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._read(name, lambda f: f.get_tensor(name))
+    def get(self, name: str, index: int | None = None) -> torch.Tensor:
+        """Tensor ``name``, or only its row ``index`` on the first axis (one expert of a fused
+        experts tensor: only that row's bytes are read)."""
+        if index is None:
+            return self._read(name, lambda f: f.get_tensor(name))
+        return self._read(name, lambda f: f.get_slice(name)[index:index + 1])[0]
 
 
-def write_tensors(directory: Path, tensors: dict[str, torch.Tensor],
-                  dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES) -> None:
-    """``tensors`` (in ``dtype``; None: their own) as ``save_pretrained`` lays them out: one
-    file, or shards and an index. Converted and made contiguous one shard at a time, so only
-    that shard's copies exist beside the tensors given (safetensors writes from the tensors'
-    memory without a copy); a tensor that is the same memory as one already in the shard (a
-    pool expert that several layers hold) is copied, as safetensors refuses shared memory."""
-    def nbytes(t):
-        return t.numel() * (dtype or t.dtype).itemsize
-
+def plan_shards(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                shard_bytes: int = SHARD_BYTES) -> list[list[str]]:
+    """``tensors``' names in shards of at most ``shard_bytes`` (in ``dtype``; None: their own),
+    in order, as ``save_pretrained`` cuts them (a larger tensor is a shard alone)."""
     shards: list[list[str]] = [[]]
     size = 0
     for name, tensor in tensors.items():
-        if shards[-1] and size + nbytes(tensor) > shard_bytes:
+        if shards[-1] and size + nbytes(tensor, dtype) > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
-        size += nbytes(tensor)
-    files = ([SINGLE] if len(shards) == 1 else
-             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+        size += nbytes(tensor, dtype)
+    return shards if shards[0] else []
+
+
+def nbytes(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+    return tensor.numel() * (dtype or tensor.dtype).itemsize
+
+
+def shard_files(count: int) -> list[str]:
+    """The file names ``save_pretrained`` gives ``count`` shards."""
+    return [SINGLE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors"
+                                        for i in range(1, count + 1)]
+
+
+def write_shards(directory: Path, tensors: dict[str, torch.Tensor], shards: list[list[str]],
+                 files: list[str], dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Each shard of ``tensors`` (names, ``plan_shards``) as its file; returns the weight map.
+    Converted and made contiguous one shard at a time, so only that shard's copies exist beside
+    the tensors given (safetensors writes from the tensors' memory without a copy); a tensor that
+    is the same memory as one already in the shard (a pool expert that several layers hold) is
+    copied, as safetensors refuses shared memory."""
     for file, names in zip(files, shards, strict=True):
         shard, seen = {}, set()
         for name in names:
@@ -146,12 +164,23 @@ def write_tensors(directory: Path, tensors: dict[str, torch.Tensor],
             seen.add(span)
         save_file(shard, directory / file, metadata={"format": "pt"})
         del shard
+    return {name: file for file, names in zip(files, shards, strict=True) for name in names}
+
+
+def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """``model.safetensors.index.json`` of a sharded directory."""
+    (directory / INDEX).write_text(json.dumps(
+        {"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def write_tensors(directory: Path, tensors: dict[str, torch.Tensor],
+                  dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES) -> None:
+    """``tensors`` (in ``dtype``; None: their own) as ``save_pretrained`` lays them out: one
+    file, or shards and an index (``write_shards``)."""
+    shards = plan_shards(tensors, dtype, shard_bytes)
+    weight_map = write_shards(directory, tensors, shards, shard_files(len(shards)), dtype)
     if len(shards) > 1:
-        weight_map = {name: file for file, names in zip(files, shards, strict=True)
-                      for name in names}
-        total = sum(nbytes(t) for t in tensors.values())
-        (directory / INDEX).write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        write_index(directory, weight_map, sum(nbytes(t, dtype) for t in tensors.values()))
 
 
 def tokenizer_file(directory: Path) -> Path | None:

@@ -11,11 +11,14 @@ Export: a moue checkpoint whose routers have no trajectory state becomes a Huggi
 directory of one family; each MoE layer gets private copies of its window's experts (for the
 standard topology, exactly its own), so the outputs are the same.
 
-Both run as one CPU process and hold the model once, in the dtype of the weights they read
-(``--dtype`` converts), with no optimizer: import copies the tensors into it one at a time and
-writes a model-only checkpoint, export writes the Hugging Face shards one at a time from views
-of it (docs/conversion.md has the memory measured). Outputs appear under their final name only
-once complete.
+Both hold the model once, in the dtype of the weights they read (``--dtype`` converts), with
+no optimizer: import copies the tensors into it one at a time and writes a model-only
+checkpoint, export writes the Hugging Face shards one at a time from views of it
+(docs/conversion.md has the memory measured). Both run as one CPU process or under torchrun,
+where each process holds, reads and writes its share of the pool's experts and the rest of the
+model (``moue.commands.standalone``): an import's processes write their own checkpoint shards,
+an export's the safetensors files of the tensors each is the first to hold, and the first
+process the index. Outputs appear under their final name only once complete.
 """
 
 from __future__ import annotations
@@ -27,14 +30,27 @@ from pathlib import Path
 import torch
 
 from moue import checkpoint
-from moue.commands.standalone import DTYPES, loaded_chunk, one_process, one_process_config
+from moue.commands.standalone import (
+    DTYPES,
+    loaded_chunk,
+    one_process_state,
+    standalone_config,
+    standalone_world,
+    together,
+)
 from moue.convert.families import export_family, family_of, hf_config, moue_sections, to_hf, to_moue
 from moue.convert.hf_format import (
     CONFIG,
+    SHARD_BYTES,
     Tensors,
+    nbytes,
+    plan_shards,
     read_config,
+    shard_files,
     tokenizer_file,
     tokenizer_files,
+    write_index,
+    write_shards,
     write_tensors,
 )
 from moue.convert.importing import check_overrides, check_tokenizer, new_output, write_imported
@@ -50,7 +66,7 @@ def import_hf(hf_dir: str, output: str, overrides: list[str], tokenizer: str | N
     ``tokenizer`` (a tokenizer.json or .model, or 'byte') instead of the directory's own, its
     weights in ``dtype`` (``bf16`` or ``fp32``; None: the directory's own, fp16 as fp32)."""
     source = Path(hf_dir)
-    out, tmp = new_output(output, "--output")
+    out, tmp = new_output(output, "--output", spread=True)
     check_overrides(overrides, "config.json")
     hf = read_config(source)
     where = str(source / CONFIG)
@@ -70,7 +86,7 @@ def import_hf(hf_dir: str, output: str, overrides: list[str], tokenizer: str | N
         out, tmp, tree, str(tok), overrides,
         lambda cfg, module: to_moue(tensors, cfg, family, module),
         {"huggingface": str(source.resolve()), "family": family.model_type, "config": hf},
-        dtype=DTYPES[dtype] if dtype else stored)
+        dtype=DTYPES[dtype] if dtype else stored, spread=True)
 
 
 def _with_source_fields(path: Path, hf: dict) -> dict:
@@ -94,15 +110,16 @@ def export_hf(load: str, output: str, family_name: str | None,
     """Write checkpoint ``load`` as a Hugging Face directory ``output`` with weights in
     ``dtype`` (``bf16`` or ``fp32``; None: the dtype the checkpoint's weights are stored in);
     returns it and the family written."""
-    out, tmp = new_output(output, "--hf-output")
+    out, tmp = new_output(output, "--hf-output", spread=True)
     path = checkpoint.resolve(load)
     meta = checkpoint.saved_config(path)
     stored = checkpoint.stored_dtype(path)
-    cfg = one_process_config(meta["config"], stored)
+    cfg = standalone_config(meta["config"], stored, spread=True)
     family = export_family(cfg, family_name)
     step = meta.get("state", {}).get("step", 0)
-    with one_process(cfg, "moue-convert") as pg:
-        module = loaded_chunk(path, cfg, pg)
+    with standalone_world(cfg, "moue-convert") as pg:
+        with together():  # a damaged shard is met by the process that reads it
+            module = loaded_chunk(path, cfg, pg)
         if cfg.moe.widen_block and step < cfg.moe.widen_steps:
             raise UserError(f"--load {load}: step {step} of a widening ramp of "
                             f"{cfg.moe.widen_steps} steps: the new experts are only partly open, "
@@ -114,13 +131,47 @@ def export_hf(load: str, output: str, family_name: str | None,
                             "routers have no such bias, so the exported model would route "
                             "differently")
         written = DTYPES[dtype] if dtype else stored
-        tmp.mkdir(parents=True)
-        write_tensors(tmp, to_hf(module.state_dict(), cfg, family), written)
-    hf = {**hf_config(cfg, family), "dtype": DTYPE_NAMES[written]}
-    (tmp / CONFIG).write_text(json.dumps(_with_source_fields(path, hf), indent=2) + "\n")
-    tok = Path(cfg.data.tokenizer)
-    if tok.is_file():
-        for name in tokenizer_files(tok.parent):
-            shutil.copyfile(tok.parent / name, tmp / name)
-    tmp.rename(out)
+        first = torch.distributed.get_rank() == 0
+        if first:
+            tmp.mkdir(parents=True)
+        checkpoint.barrier()
+        held = set(module.decoder.expert_pool.pool_ids())
+        write_spread(tmp, to_hf(one_process_state(module), cfg, family, held), written)
+    if first:
+        hf = {**hf_config(cfg, family), "dtype": DTYPE_NAMES[written]}
+        (tmp / CONFIG).write_text(json.dumps(_with_source_fields(path, hf), indent=2) + "\n")
+        tok = Path(cfg.data.tokenizer)
+        if tok.is_file():
+            for name in tokenizer_files(tok.parent):
+                shutil.copyfile(tok.parent / name, tmp / name)
+        tmp.rename(out)
     return out, family.model_type
+
+
+def write_spread(directory: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                 shard_bytes: int = SHARD_BYTES) -> None:
+    """``tensors`` (this process's: the world's processes may hold the same names) written as
+    ``save_pretrained`` lays them out, each by the first process that holds it: every process
+    writes its own shards, numbered after those of the processes before it, and the first the
+    index (one process: ``write_tensors``)."""
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if world == 1:
+        return write_tensors(directory, tensors, dtype, shard_bytes)
+    held = [None] * world
+    torch.distributed.all_gather_object(held, list(tensors))
+    owner: dict[str, int] = {}
+    for r, names in enumerate(held):
+        for name in names:
+            owner.setdefault(name, r)
+    mine = {n: t for n, t in tensors.items() if owner[n] == rank}
+    shards = plan_shards(mine, dtype, shard_bytes)
+    counts = [None] * world
+    torch.distributed.all_gather_object(counts, (len(shards), sum(nbytes(t, dtype)
+                                                                  for t in mine.values())))
+    files = shard_files(sum(c for c, _ in counts))
+    start = sum(c for c, _ in counts[:rank])
+    weight_map = write_shards(directory, mine, shards, files[start:start + len(shards)], dtype)
+    maps = [None] * world
+    torch.distributed.all_gather_object(maps, weight_map)
+    if rank == 0 and len(files) > 1:
+        write_index(directory, {n: m[n] for m in maps for n in m}, sum(b for _, b in counts))

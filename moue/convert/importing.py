@@ -22,8 +22,8 @@ from moue.checkpoint import publish_new
 from moue.commands import standalone
 from moue.commands.standalone import (
     new_chunk,
-    one_process,
-    one_process_config,
+    standalone_config,
+    standalone_world,
 )
 from moue.config import RunConfig, load_config, may_change_on_resume
 from moue.convert.hf_format import tokenizer_files
@@ -31,9 +31,10 @@ from moue.run_check import check_run
 from parallel.errors import UserError
 
 
-def new_output(output: str, flag: str) -> tuple[Path, Path]:
-    """``moue-convert``'s output path and its staging twin (``moue.commands.standalone``)."""
-    return standalone.new_output(output, flag, "moue-convert")
+def new_output(output: str, flag: str, spread: bool = False) -> tuple[Path, Path]:
+    """``moue-convert``'s output path and its staging twin (``moue.commands.standalone``);
+    ``spread``: the command may run on several processes."""
+    return standalone.new_output(output, flag, "moue-convert", spread)
 
 
 def check_overrides(overrides: list[str], source: str) -> None:
@@ -58,13 +59,14 @@ def check_tokenizer(tokenizer: str, vocab_size: int, where: str) -> None:
 
 def write_imported(out: Path, tmp: Path, tree: dict, tokenizer: str, overrides: list[str],
                    fill: Callable[[RunConfig, torch.nn.Module], None], source: dict,
-                   dtype: torch.dtype = torch.float32) -> Path:
+                   dtype: torch.dtype = torch.float32, spread: bool = False) -> Path:
     """Write the checkpoint of ``tree`` (the ``model`` and ``moe`` sections) to ``out``.
 
     ``tokenizer`` is ``byte`` or a tokenizer file, copied with its known siblings;
-    ``fill(cfg, module)`` puts every weight into ``module`` (moue's model on one process, built
-    in ``dtype`` and not initialised); ``source`` is written as ``source.json``. The weights are
-    written as a model-only checkpoint in ``dtype``.
+    ``fill(cfg, module)`` puts every weight into ``module`` (moue's model on this process,
+    built in ``dtype`` and not initialised; ``spread``: this process's share of the experts
+    under a launch of several, ``moue.commands.standalone``); ``source`` is written as
+    ``source.json``. The weights are written as a model-only checkpoint in ``dtype``.
     """
     final = out.resolve()
     tok = None if tokenizer == "byte" else Path(tokenizer)
@@ -72,15 +74,15 @@ def write_imported(out: Path, tmp: Path, tree: dict, tokenizer: str, overrides: 
         **tree, "data": {"mock": True, "tokenizer": str(final / tok.name) if tok else "byte"},
         "checkpoint": {"dir": str(final)}})
     check_run(target)
-    single = one_process_config(tree, dtype, [f"data.tokenizer={tokenizer}"])
+    single = standalone_config(tree, dtype, [f"data.tokenizer={tokenizer}"], spread=spread)
     files: dict[str, str | Path] = {
         "source.json": json.dumps(source, indent=2, default=str) + "\n"}
     if tok is not None:
         files.update({name: tok.parent / name for name in tokenizer_files(tok.parent)})
         files.setdefault(tok.name, tok)
-    with one_process(single, "moue-convert") as pg:
+    with standalone_world(single, "moue-convert") as pg:
         module = new_chunk(single, pg, initialise=False)
-        with torch.no_grad():
+        with torch.no_grad(), standalone.together():
             fill(single, module)
         publish_new(out, tmp, module, target, pg, files)
     return out

@@ -21,7 +21,7 @@ import torch
 
 from moue import checkpoint
 from moue.checkpoint import publish_new
-from moue.commands.standalone import loaded_chunk, new_chunk, one_process, one_process_config
+from moue.commands.standalone import loaded_chunk, new_chunk, standalone_config, standalone_world
 from moue.config import RunConfig, load_config
 from moue.convert.importing import new_output
 from moue.run_check import check_run
@@ -78,10 +78,10 @@ def widen(load: str, output: str, window: int, steps: int, overrides: list[str])
     tree["data"]["start_sample"] = checkpoint.next_sample(meta)  # continue on unseen data
     target = load_config(None, [*overrides, f"checkpoint.dir={out.resolve()}"], base=tree)
     check_run(target)
-    source = one_process_config(saved, dtype)
-    single = one_process_config(tree, dtype,
+    source = standalone_config(saved, dtype)
+    single = standalone_config(tree, dtype,
                                 [f"moe.router_state_dim={target.moe.router_state_dim}"])
-    with one_process(source, "moue-convert") as pg:
+    with standalone_world(source, "moue-convert") as pg:
         old = loaded_chunk(path, source, pg)
         state = old.state_dict()
         # initialised: U and the balance state start afresh (module docstring)
