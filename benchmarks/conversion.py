@@ -21,7 +21,7 @@ difference from the continued MoE paired by seed, and the gain relative to it:
 ``(loss_moe - loss) / loss_moe`` in percent (positive: lower loss than continuing the MoE),
 and the same gain relative to ``moe-adam``.
 
-    python benchmarks/conversion.py --preset cpu     # 2 CPU cores, about 30 minutes
+    python benchmarks/conversion.py --preset cpu     # 2 CPU cores, 11-16 minutes
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ PRESETS = {
     # 4 layers, hidden 64, 4 experts of 64 per layer, top-2; 16 x 128 bytes per step.
     "cpu": Preset(_shape(4, 64, 4, 128, 64, 2, 1, 16, 32), experts_per_layer=4, first=400,
                   second=400, ramps=(50, 100, 200), windows=(6, 8, 12), seeds=2,
-                  about="2 CPU cores, about 30 minutes"),
+                  about="2 CPU cores, 11-16 minutes"),
     "smoke": Preset(_shape(2, 32, 2, 32, 32, 2, 1, 4, 2), experts_per_layer=2, first=3,
                     second=3, ramps=(1, 2), windows=(3, 4), seeds=1, about="about a minute"),
 }

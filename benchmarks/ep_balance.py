@@ -12,6 +12,7 @@ lasting imbalance; what the per-step mean adds to it is each batch's own), and t
 held-out loss.
 
     python benchmarks/ep_balance.py --data runs/demo/data/stdlib            # ~8 minutes
+    python benchmarks/ep_balance.py --data runs/demo/data/stdlib --batches 16 32 64
     python benchmarks/ep_balance.py --preset smoke --data DATA --work-dir DIR
 """
 
@@ -38,6 +39,7 @@ VARIANTS = {"coeff 0.1, no bias (shipped)": ["moe.ep_balance_coeff=0.1",
             "coeff 0.1, rate 1e-3": ["moe.ep_balance_coeff=0.1", "moe.ep_balance_rate=1e-3"],
             "coeff 0.1, rate 3e-3": ["moe.ep_balance_coeff=0.1", "moe.ep_balance_rate=3e-3"],
             "rate 1e-3, no term": ["moe.ep_balance_coeff=0", "moe.ep_balance_rate=1e-3"]}
+SHIPPED = "coeff 0.1, no bias (shipped)"
 PRESETS = {"cpu": {"steps": 600, "windows": [(101, 200), (101, 600)]},
            "smoke": {"steps": 4, "windows": [(1, 4)]}}
 
@@ -81,14 +83,21 @@ def main(argv=None) -> int:
                         "tokenizer), e.g. runs/demo/data/stdlib from make demo")
     parser.add_argument("--ep", type=int, default=4, help="the EP degree (default 4)")
     parser.add_argument("--work-dir", default="/tmp/moue-ep-balance")
+    parser.add_argument("--batches", type=int, nargs="+", metavar="B",
+                        help="instead of the balance settings: the shipped config with B "
+                        "sequences per step (train.global_batch_size), for each B: how much of "
+                        "the per-step figure is each batch's own spread")
     parser.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
+    variants = VARIANTS if not args.batches else {
+        f"shipped, {b} sequences per step": [*VARIANTS[SHIPPED], f"train.global_batch_size={b}"]
+        for b in args.batches}
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        paths = pool.map(lambda i: train(i, list(VARIANTS.values())[i], args, preset["steps"]),
-                         range(len(VARIANTS)))
-        runs = dict(zip(VARIANTS, paths, strict=True))
+        paths = pool.map(lambda i: train(i, list(variants.values())[i], args, preset["steps"]),
+                         range(len(variants)))
+        runs = dict(zip(variants, paths, strict=True))
     results = {name: figures(path, preset["windows"]) for name, path in runs.items()}
     print(f"EP={args.ep}, {preset['steps']} steps, {time.perf_counter() - start:.0f} s\n")
     print("| variant | steps | max/mean tokens per EP rank, by layer (mean of steps) | worst step "

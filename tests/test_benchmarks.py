@@ -157,7 +157,8 @@ def test_conversion_memory_benchmark_measures_every_tool(tmp_path):
                           env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["tool"] for r in rows] == ["transformers", "moue import", "moue export"]
+    assert [r["tool"] for r in rows] == ["transformers", "moue import", "moue export",
+                                         "import 2 procs", "export 2 procs"]
     assert all(r["peak_rss"] > r["model_bytes"] > 0 and r["seconds"] > 0 for r in rows)
     assert "peak RSS GB" in proc.stdout
 
@@ -181,3 +182,11 @@ def test_ep_balance_benchmark_reports_every_variant_and_layer(tmp_path):
     assert len(results) == 6 and all(len(r["1-4"]["by_layer"]) == 4 for r in results.values())
     assert all(r["1-4"]["worst_step"] >= 1.0 for r in results.values())
     assert "tokens per EP rank" in proc.stdout
+    proc = subprocess.run([sys.executable, "benchmarks/ep_balance.py", "--preset", "smoke",
+                           "--data", str(tmp_path / "stdlib"), "--work-dir", str(tmp_path / "b"),
+                           "--batches", "8", "16", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(json.loads(out.read_text())["results"]) == [
+        "shipped, 8 sequences per step", "shipped, 16 sequences per step"]
