@@ -32,14 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # name: overrides. The shipped config (the Switch term at 0.1), the term alone at a higher
 # coefficient, and the selection bias per layer and rank group (moe.ep_balance_rate) with the
 # term and without it.
-VARIANTS = {"coeff 0.1, no bias (shipped)": ["moe.ep_balance_coeff=0.1",
-                                            "moe.ep_balance_rate=0"],
+SHIPPED = "coeff 0.1, no bias (shipped)"
+VARIANTS = {SHIPPED: ["moe.ep_balance_coeff=0.1", "moe.ep_balance_rate=0"],
             "coeff 0.3, no bias": ["moe.ep_balance_coeff=0.3", "moe.ep_balance_rate=0"],
             "coeff 0.1, rate 3e-4": ["moe.ep_balance_coeff=0.1", "moe.ep_balance_rate=3e-4"],
             "coeff 0.1, rate 1e-3": ["moe.ep_balance_coeff=0.1", "moe.ep_balance_rate=1e-3"],
             "coeff 0.1, rate 3e-3": ["moe.ep_balance_coeff=0.1", "moe.ep_balance_rate=3e-3"],
             "rate 1e-3, no term": ["moe.ep_balance_coeff=0", "moe.ep_balance_rate=1e-3"]}
-SHIPPED = "coeff 0.1, no bias (shipped)"
 PRESETS = {"cpu": {"steps": 600, "windows": [(101, 200), (101, 600)]},
            "smoke": {"steps": 4, "windows": [(1, 4)]}}
 

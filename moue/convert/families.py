@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moue.commands.standalone import POOL_EXPERTS, one_process_state
 from moue.config import RunConfig
 from parallel.errors import UserError
 
@@ -292,15 +293,11 @@ def to_moue(tensors, cfg: RunConfig, family: Family, module: torch.nn.Module) ->
     rest), tensor by tensor: each is read only when this process holds its place, checked
     against the module's shape, converted to its dtype and dropped, so at most one source tensor
     is held beside the model. Every parameter must be given."""
-    from moue.commands.standalone import POOL_EXPERTS, one_process_state
-
     expected, used, written = one_process_state(module, keep_vars=True), set(), set()
 
     def put(key, read, *sources):
-        """``read()`` (of the Hugging Face tensors ``sources``) into ``key``, when held here."""
+        """``read()`` (of the Hugging Face tensors ``sources``) into ``key``."""
         used.update(sources)
-        if key.startswith(POOL_EXPERTS) and key not in expected:  # another process's expert
-            return
         value = read()
         want = tuple(expected[key].shape)
         if tuple(value.shape) != want:
@@ -331,8 +328,9 @@ def to_moue(tensors, cfg: RunConfig, family: Family, module: torch.nn.Module) ->
             put(fc1, lambda g=gate, u=up: torch.cat([tensors.get(g), tensors.get(u)]), gate, up)
         if i in moe_layers:
             eligible = topology.eligible(moe_layers.index(i)).tolist()
-            key = "decoder.expert_pool.local_experts.{}.linear_fc{}.weight"
-            held = [j for j, e in enumerate(eligible) if key.format(e, 1) in expected]
+            key = POOL_EXPERTS + "{}.linear_fc{}.weight"
+            held = [j for j, e in enumerate(eligible)  # another process's experts: not read
+                    if key.format(e, 1) in expected]
             experts = _expert_tensors(tensors, family, i, held)
             prefix = f"model.layers.{i}.{family.moe_prefix}.experts."
             used.update(n for n in tensors.names() if n.startswith((prefix, f"model.layers.{i}.mlp.experts.")))

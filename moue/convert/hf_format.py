@@ -123,64 +123,78 @@ class Tensors:
         return self._read(name, lambda f: f.get_slice(name)[index:index + 1])[0]
 
 
-def plan_shards(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
-                shard_bytes: int = SHARD_BYTES) -> list[list[str]]:
+def _plan_shards(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None,
+                 shard_bytes: int) -> list[list[str]]:
     """``tensors``' names in shards of at most ``shard_bytes`` (in ``dtype``; None: their own),
     in order, as ``save_pretrained`` cuts them (a larger tensor is a shard alone)."""
-    shards: list[list[str]] = [[]]
+    shards: list[list[str]] = []
     size = 0
     for name, tensor in tensors.items():
-        if shards[-1] and size + nbytes(tensor, dtype) > shard_bytes:
+        if not shards or size + _nbytes(tensor, dtype) > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
-        size += nbytes(tensor, dtype)
-    return shards if shards[0] else []
+        size += _nbytes(tensor, dtype)
+    return shards
 
 
-def nbytes(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+def _nbytes(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> int:
     return tensor.numel() * (dtype or tensor.dtype).itemsize
 
 
-def shard_files(count: int) -> list[str]:
-    """The file names ``save_pretrained`` gives ``count`` shards."""
-    return [SINGLE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors"
-                                        for i in range(1, count + 1)]
+def _in_world() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
-def write_shards(directory: Path, tensors: dict[str, torch.Tensor], shards: list[list[str]],
-                 files: list[str], dtype: torch.dtype | None = None) -> dict[str, str]:
-    """Each shard of ``tensors`` (names, ``plan_shards``) as its file; returns the weight map.
-    Converted and made contiguous one shard at a time, so only that shard's copies exist beside
-    the tensors given (safetensors writes from the tensors' memory without a copy); a tensor that
-    is the same memory as one already in the shard (a pool expert that several layers hold) is
-    copied, as safetensors refuses shared memory."""
-    for file, names in zip(files, shards, strict=True):
-        shard, seen = {}, set()
-        for name in names:
-            t = tensors[name].detach().to(dtype or tensors[name].dtype).contiguous()
-            span = (t.data_ptr(), nbytes(t))  # to_hf's views are equal or disjoint, never partial
-            shard[name] = t.clone() if span in seen else t
-            seen.add(span)
-        save_file(shard, directory / file, metadata={"format": "pt"})
-        del shard
-    return {name: file for file, names in zip(files, shards, strict=True) for name in names}
-
-
-def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
-    """``model.safetensors.index.json`` of a sharded directory."""
-    (directory / INDEX).write_text(json.dumps(
-        {"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n")
+def _gathered(value) -> list:
+    """``value`` of every process of the world, by rank (``[value]`` outside a world of
+    several processes)."""
+    if not _in_world():
+        return [value]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
 
 
 def write_tensors(directory: Path, tensors: dict[str, torch.Tensor],
                   dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES) -> None:
     """``tensors`` (in ``dtype``; None: their own) as ``save_pretrained`` lays them out: one
-    file, or shards and an index (``write_shards``)."""
-    shards = plan_shards(tensors, dtype, shard_bytes)
-    weight_map = write_shards(directory, tensors, shards, shard_files(len(shards)), dtype)
-    if len(shards) > 1:
-        write_index(directory, weight_map, sum(nbytes(t, dtype) for t in tensors.values()))
+    file, or shards and an index. Every process of a world calls it with the tensors it holds
+    (processes may hold the same names): each tensor is written by the first process holding
+    it, each process writes its own shards, numbered after those of the processes before it,
+    and the first process the index.
+
+    Converted and made contiguous one shard at a time, so only that shard's copies exist beside
+    the tensors given (safetensors writes from the tensors' memory without a copy); a tensor that
+    is the same memory as one already in the shard (a pool expert that several layers hold) is
+    copied, as safetensors refuses shared memory."""
+    rank = torch.distributed.get_rank() if _in_world() else 0
+    owner: dict[str, int] = {}
+    for r, names in enumerate(_gathered(list(tensors))):
+        for name in names:
+            owner.setdefault(name, r)
+    mine = {n: t for n, t in tensors.items() if owner[n] == rank}
+    shards = _plan_shards(mine, dtype, shard_bytes)
+    counts = _gathered((len(shards), sum(_nbytes(t, dtype) for t in mine.values())))
+    total = sum(c for c, _ in counts)
+    files = ([SINGLE] if total == 1 else
+             [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)])
+    start = sum(c for c, _ in counts[:rank])
+    own_files = files[start:start + len(shards)]
+    for file, names in zip(own_files, shards, strict=True):
+        shard, seen = {}, set()
+        for name in names:
+            t = mine[name].detach().to(dtype or mine[name].dtype).contiguous()
+            span = (t.data_ptr(), _nbytes(t))  # to_hf's views are equal or disjoint, never partial
+            shard[name] = t.clone() if span in seen else t
+            seen.add(span)
+        save_file(shard, directory / file, metadata={"format": "pt"})
+        del shard
+    maps = _gathered({n: f for f, names in zip(own_files, shards, strict=True) for n in names})
+    if rank == 0 and total > 1:
+        (directory / INDEX).write_text(json.dumps(
+            {"metadata": {"total_size": sum(b for _, b in counts)},
+             "weight_map": {n: m[n] for m in maps for n in m}}, indent=2) + "\n")
 
 
 def tokenizer_file(directory: Path) -> Path | None:

@@ -17,8 +17,8 @@ checkpoint, export writes the Hugging Face shards one at a time from views of it
 (docs/conversion.md has the memory measured). Both run as one CPU process or under torchrun,
 where each process holds, reads and writes its share of the pool's experts and the rest of the
 model (``moue.commands.standalone``): an import's processes write their own checkpoint shards,
-an export's the safetensors files of the tensors each is the first to hold, and the first
-process the index. Outputs appear under their final name only once complete.
+an export's the safetensors files of the tensors each is the first to hold
+(``hf_format.write_tensors``), and the first process the index. Outputs appear under their final name only once complete.
 """
 
 from __future__ import annotations
@@ -41,16 +41,10 @@ from moue.commands.standalone import (
 from moue.convert.families import export_family, family_of, hf_config, moue_sections, to_hf, to_moue
 from moue.convert.hf_format import (
     CONFIG,
-    SHARD_BYTES,
     Tensors,
-    nbytes,
-    plan_shards,
     read_config,
-    shard_files,
     tokenizer_file,
     tokenizer_files,
-    write_index,
-    write_shards,
     write_tensors,
 )
 from moue.convert.importing import check_overrides, check_tokenizer, new_output, write_imported
@@ -136,7 +130,7 @@ def export_hf(load: str, output: str, family_name: str | None,
             tmp.mkdir(parents=True)
         checkpoint.barrier()
         held = set(module.decoder.expert_pool.pool_ids())
-        write_spread(tmp, to_hf(one_process_state(module), cfg, family, held), written)
+        write_tensors(tmp, to_hf(one_process_state(module), cfg, family, held), written)
     if first:
         hf = {**hf_config(cfg, family), "dtype": DTYPE_NAMES[written]}
         (tmp / CONFIG).write_text(json.dumps(_with_source_fields(path, hf), indent=2) + "\n")
@@ -147,31 +141,3 @@ def export_hf(load: str, output: str, family_name: str | None,
         tmp.rename(out)
     return out, family.model_type
 
-
-def write_spread(directory: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                 shard_bytes: int = SHARD_BYTES) -> None:
-    """``tensors`` (this process's: the world's processes may hold the same names) written as
-    ``save_pretrained`` lays them out, each by the first process that holds it: every process
-    writes its own shards, numbered after those of the processes before it, and the first the
-    index (one process: ``write_tensors``)."""
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    if world == 1:
-        return write_tensors(directory, tensors, dtype, shard_bytes)
-    held = [None] * world
-    torch.distributed.all_gather_object(held, list(tensors))
-    owner: dict[str, int] = {}
-    for r, names in enumerate(held):
-        for name in names:
-            owner.setdefault(name, r)
-    mine = {n: t for n, t in tensors.items() if owner[n] == rank}
-    shards = plan_shards(mine, dtype, shard_bytes)
-    counts = [None] * world
-    torch.distributed.all_gather_object(counts, (len(shards), sum(nbytes(t, dtype)
-                                                                  for t in mine.values())))
-    files = shard_files(sum(c for c, _ in counts))
-    start = sum(c for c, _ in counts[:rank])
-    weight_map = write_shards(directory, mine, shards, files[start:start + len(shards)], dtype)
-    maps = [None] * world
-    torch.distributed.all_gather_object(maps, weight_map)
-    if rank == 0 and len(files) > 1:
-        write_index(directory, {n: m[n] for m in maps for n in m}, sum(b for _, b in counts))
